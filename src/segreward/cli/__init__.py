@@ -1,0 +1,46 @@
+"""The ``segreward`` command. Each subcommand lives in its own module under ``segreward.cli``
+with a ``register(subparsers)`` function; handlers parse, call one library function, print.
+Library errors (:class:`~segreward.errors.SegrewardError`) become one line on stderr and exit
+code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from segreward.errors import SegrewardError
+
+# Module names under segreward.cli, in the order shown by --help.
+_COMMANDS = ("demo", "train", "example", "stats", "logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segreward",
+        description="Reward tuning (REINFORCE on task rewards such as per-image mIoU) for semantic segmentation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"segreward.cli.{name}")
+        except ModuleNotFoundError as e:  # a command whose module is not written yet
+            if e.name == f"segreward.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except SegrewardError as e:
+        print(f"segreward {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"segreward {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)

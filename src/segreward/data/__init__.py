@@ -1,0 +1,1 @@
+"""Datasets, label formats and the synthetic domain-shift generator."""

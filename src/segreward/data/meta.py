@@ -1,0 +1,87 @@
+"""Class names, palettes, ignore index and raw-id -> train-id maps of known datasets.
+
+``get_meta(name)`` is how the stats tool, the datasets and the CLI find a dataset's defaults
+(``cityscapes``, ``gta5``, ``camvid``, ``ade20k``, ``voc``, ``synthetic``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segreward.errors import SegrewardError
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = 255
+    reduce_zero_label: bool = False
+    # raw label value -> train id; values not listed map to ignore_index when ``map_unlisted``.
+    label_map: dict[int, int] | None = field(default=None)
+    map_unlisted: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def lut(self, size: int = 65536) -> np.ndarray | None:
+        """A lookup table ``raw -> train id`` (``None`` when labels are already train ids)."""
+        return build_lut(self.label_map, self.ignore_index, self.map_unlisted, size)
+
+
+def build_lut(label_map: dict[int, int] | None, ignore_index: int = 255, map_unlisted: bool = False,
+              size: int = 65536) -> np.ndarray | None:
+    if label_map is None:
+        return None
+    lut = np.full(size, ignore_index, dtype=np.int64) if map_unlisted else np.arange(size, dtype=np.int64)
+    for raw, train in label_map.items():
+        lut[int(raw)] = int(train)
+    return lut
+
+
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                      "truck", "bus", "train", "motorcycle", "bicycle")
+CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                      (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                      (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+                      (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+# Cityscapes labelIds (also GTA5's label ids) -> the 19 train ids; every other id is ignored.
+CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                            23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
+                  "Car", "Pedestrian", "Bicyclist")
+CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+                  (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+
+_REGISTRY: dict[str, DatasetMeta] = {}
+
+
+def register_meta(meta: DatasetMeta) -> DatasetMeta:
+    _REGISTRY[meta.name] = meta
+    return meta
+
+
+register_meta(DatasetMeta("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE))
+register_meta(DatasetMeta("cityscapes_labelids", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
+                          label_map=CITYSCAPES_ID_TO_TRAINID, map_unlisted=True))
+register_meta(DatasetMeta("gta5", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
+                          label_map=CITYSCAPES_ID_TO_TRAINID, map_unlisted=True))
+# CamVid (SegNet 11-class version): id 11 is void, mapped to the ignore index.
+register_meta(DatasetMeta("camvid", CAMVID_CLASSES, CAMVID_PALETTE, label_map={11: 255}))
+
+
+def get_meta(name: str) -> DatasetMeta:
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise SegrewardError(f"unknown dataset {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def known_datasets() -> list[str]:
+    return sorted(_REGISTRY)
