@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +60,55 @@ CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSy
 CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
                   (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 
+
+
+def make_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """``n`` distinct display colours, the Pascal VOC way: the bits of the id spread over R, G, B."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+# ADE20K SceneParsing (ADEChallengeData2016): raw 0 = "other", reduced away; 1..150 -> 0..149.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island",
+    "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman",
+    "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy",
+    "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot",
+    "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce",
+    "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+assert len(ADE20K_CLASSES) == 150
+# A generated display palette (not the official colour150 table): ids 1..150 of the VOC scheme.
+ADE20K_PALETTE = make_palette(151)[1:]
+
+# Pascal VOC 2012: palette PNGs whose indices are the ids; 255 marks object borders (ignored).
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+VOC_PALETTE = make_palette(21)
+
 _REGISTRY: dict[str, DatasetMeta] = {}
+# Metas registered by a module on import, loaded the first time they are asked for.
+_LAZY = {"synthetic": "segreward.data.synthetic"}
 
 
 def register_meta(meta: DatasetMeta) -> DatasetMeta:
@@ -74,14 +123,22 @@ register_meta(DatasetMeta("gta5", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                           label_map=CITYSCAPES_ID_TO_TRAINID, map_unlisted=True))
 # CamVid (SegNet 11-class version): id 11 is void, mapped to the ignore index.
 register_meta(DatasetMeta("camvid", CAMVID_CLASSES, CAMVID_PALETTE, label_map={11: 255}))
+register_meta(DatasetMeta("ade20k", ADE20K_CLASSES, ADE20K_PALETTE, reduce_zero_label=True))
+register_meta(DatasetMeta("voc", VOC_CLASSES, VOC_PALETTE))
 
 
 def get_meta(name: str) -> DatasetMeta:
     key = name.lower()
+    if key not in _REGISTRY and key in _LAZY:
+        try:
+            importlib.import_module(_LAZY[key])
+        except ModuleNotFoundError as e:
+            if e.name != _LAZY[key]:
+                raise
     if key not in _REGISTRY:
         raise SegrewardError(f"unknown dataset {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]
 
 
 def known_datasets() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_LAZY))
