@@ -1,0 +1,157 @@
+"""Segmentation metrics from one statistics core.
+
+Everything here is derived from :func:`confusion_matrix`: per-image ``[N, C, C]`` matrices
+(rows = label, columns = prediction) computed with a single ``bincount`` over the whole batch.
+Two reductions exist and they disagree, so they are named:
+
+* **dataset-level** (:class:`SegMetric`): sum the matrices over all images, then compute
+  IoU per class and average over classes — MMSegmentation's ``IoUMetric`` definition;
+* **per-image** (:mod:`segreward.rewards`): compute IoU per class within each image and average
+  over the classes present in that image's prediction or label — used as a reward.
+
+Pixels whose label equals ``ignore_index`` are excluded from every count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from segreward.errors import SegrewardError
+
+__all__ = ["confusion_matrix", "class_stats", "check_labels", "scores_from_confusion", "SegMetric"]
+
+
+def check_labels(target: torch.Tensor, num_classes: int, ignore_index: int = 255, what: str = "label") -> None:
+    """Raise a :class:`SegrewardError` naming the values in ``target`` that are neither a class id
+    (``0..num_classes-1``) nor ``ignore_index``."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        values = torch.unique(target[bad])[:10].tolist()
+        raise SegrewardError(
+            f"{what} values {values} are outside 0..{num_classes - 1} and are not the ignore index "
+            f"{ignore_index}; check num_classes ({num_classes}), the ignore index, or the label map"
+        )
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255, validate: bool = True) -> torch.Tensor:
+    """Per-image confusion matrices ``[N, C, C]`` (rows = label, columns = prediction).
+
+    ``pred`` and ``target`` are integer tensors of the same shape ``[N, ...]``. One ``bincount``
+    over the whole batch, no Python loop over images or classes.
+    """
+    if pred.shape != target.shape:
+        raise SegrewardError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
+    if pred.dim() < 1:
+        raise SegrewardError("prediction and label need a batch dimension [N, ...]")
+    c = int(num_classes)
+    if validate:
+        check_labels(target, c, ignore_index)
+        check_labels(pred, c, ignore_index=-(2**62), what="prediction")
+    n = pred.shape[0]
+    pred = pred.reshape(n, -1).long()
+    target = target.reshape(n, -1).long()
+    offsets = torch.arange(n, device=pred.device).mul_(c * c).unsqueeze(1)
+    index = offsets + target * c + pred
+    # Ignored pixels go to one extra bin past the end instead of being compacted out (cheaper).
+    index = torch.where(target == ignore_index, n * c * c, index)
+    counts = torch.bincount(index.reshape(-1), minlength=n * c * c + 1)[: n * c * c]
+    return counts.reshape(n, c, c)
+
+
+def class_stats(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                validate: bool = True):
+    """Per-image, per-class ``(intersect, union, pred_area, label_area)``, each ``[N, C]``."""
+    cm = confusion_matrix(pred, target, num_classes, ignore_index, validate)
+    return _stats_from_confusion(cm)
+
+
+def _stats_from_confusion(cm: torch.Tensor):
+    intersect = torch.diagonal(cm, dim1=-2, dim2=-1)
+    label_area = cm.sum(dim=-1)
+    pred_area = cm.sum(dim=-2)
+    union = pred_area + label_area - intersect
+    return intersect, union, pred_area, label_area
+
+
+def scores_from_confusion(cm: torch.Tensor) -> dict:
+    """MMSegmentation's dataset-level scores from a summed ``[C, C]`` matrix.
+
+    ``aAcc`` = correct / labelled pixels; per class ``IoU = I / U``, ``Acc = I / label area``,
+    ``Dice = 2 I / (pred area + label area)``; a class with a zero denominator is NaN and left out of
+    the mean (``mIoU``, ``mAcc``, ``mDice``). All in percent.
+    """
+    cm = cm.double()
+    intersect, union, pred_area, label_area = _stats_from_confusion(cm)
+    nan = torch.full_like(intersect, float("nan"))
+    iou = torch.where(union > 0, intersect / union.clamp_min(1), nan)
+    acc = torch.where(label_area > 0, intersect / label_area.clamp_min(1), nan)
+    dice_den = pred_area + label_area
+    dice = torch.where(dice_den > 0, 2 * intersect / dice_den.clamp_min(1), nan)
+    total = label_area.sum()
+    a_acc = float(intersect.sum() / total) if total > 0 else float("nan")
+
+    def nanmean(x):
+        x = x[~torch.isnan(x)]
+        return float(x.mean()) * 100 if x.numel() else float("nan")
+
+    return {
+        "aAcc": a_acc * 100,
+        "mIoU": nanmean(iou),
+        "mAcc": nanmean(acc),
+        "mDice": nanmean(dice),
+        "IoU": [float(v) * 100 for v in iou],
+        "Acc": [float(v) * 100 for v in acc],
+    }
+
+
+class SegMetric:
+    """Dataset-level aAcc / mIoU / mAcc / mDice (percent) and per-class IoU, like mmseg's ``IoUMetric``.
+
+    ``update(pred, target)`` accumulates one summed confusion matrix; ``compute()`` all-reduces it
+    across processes when ``torch.distributed`` is initialised, so every rank gets the same numbers.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names=None):
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.dim() == target.dim() + 1:  # logits [N, C, H, W] given: take the argmax
+            pred = pred.argmax(dim=1)
+        cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index).sum(0)
+        self.confusion += cm.cpu()
+
+    def compute(self) -> dict:
+        cm = self.confusion
+        if dist.is_available() and dist.is_initialized():
+            backend = dist.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            cm = cm.to(device)
+            dist.all_reduce(cm)
+            cm = cm.cpu()
+        out = scores_from_confusion(cm)
+        if self.class_names is not None:
+            out["classes"] = list(self.class_names)
+        return out
+
+
+def format_scores(scores: dict, class_names=None) -> str:
+    """A small plain-text table of per-class IoU/Acc followed by the means."""
+    names = class_names or scores.get("classes") or [str(i) for i in range(len(scores["IoU"]))]
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'class':<{width}}{'IoU':>8}{'Acc':>8}"]
+    for name, iou, acc in zip(names, scores["IoU"], scores["Acc"]):
+        f = lambda v: "   nan" if math.isnan(v) else f"{v:6.2f}"  # noqa: E731
+        lines.append(f"{name:<{width}}{f(iou):>8}{f(acc):>8}")
+    lines.append(f"aAcc {scores['aAcc']:.2f}  mIoU {scores['mIoU']:.2f}  mAcc {scores['mAcc']:.2f}  mDice {scores['mDice']:.2f}")
+    return "\n".join(lines)

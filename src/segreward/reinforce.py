@@ -1,0 +1,222 @@
+"""REINFORCE for dense predictions, and the reward-weighted cross-entropy baseline.
+
+The estimator (Williams 1992; Susano Pinto et al. 2023, "Tuning computer vision models with
+task rewards"): for an image ``x`` with label ``t``, draw ``K`` segmentations ``y_k ~ pi(.|x)``,
+score each with a task reward ``R(y_k, t)`` (per-image mIoU, ...), and step along
+
+    grad E[R] ~= 1/K sum_k (R(y_k, t) - b_k) * grad log pi(y_k | x)
+
+where the baseline ``b_k`` does not depend on ``y_k`` (so the estimate stays unbiased) and
+only reduces its variance. ``log pi(y_k | x)`` is summed over labelled pixels and divided by
+their number, which only rescales the step per image (like choosing the learning rate).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from segreward.errors import SegrewardError
+from segreward.metrics import check_labels
+from segreward.rewards import REWARDS, get_reward, miou
+from segreward.sampling import get_sampler
+
+__all__ = ["BASELINES", "compute_advantages", "ReinforceLoss", "RewardWeightedCELoss"]
+
+BASELINES = ("loo", "greedy", "mean", "ema", "none")
+
+
+def compute_advantages(rewards: torch.Tensor, baseline: str = "loo", greedy_reward: torch.Tensor | None = None,
+                       ema: torch.Tensor | float | None = None, normalize: bool = False,
+                       eps: float = 1e-8) -> torch.Tensor:
+    """Advantages ``[K, B]`` from rewards ``[K, B]`` (K samples of B images).
+
+    loo    -- leave-one-out: the mean reward of the *other* K-1 samples of the same image
+              (unbiased, needs K >= 2; the RLOO baseline).
+    greedy -- the reward of the argmax prediction (self-critical sequence training).
+    mean   -- the mean over all K samples, own sample included (slightly biased by 1/K).
+    ema    -- an exponential moving average of past batch-mean rewards (a scalar).
+    none   -- zero: plain REINFORCE.
+    normalize divides by the std of all advantages in the batch. It is off by default
+    because it changes the objective's scale per batch (see trl PR #3256).
+    """
+    k = rewards.shape[0]
+    # Step 1: the baseline, which must not depend on the sample it is compared with.
+    if baseline == "loo":
+        if k < 2:
+            raise SegrewardError("baseline 'loo' needs k >= 2 samples per image")
+        base = (rewards.sum(0, keepdim=True) - rewards) / (k - 1)
+    elif baseline == "mean":
+        base = rewards.mean(0, keepdim=True)
+    elif baseline == "greedy":
+        if greedy_reward is None:
+            raise SegrewardError("baseline 'greedy' needs the reward of the argmax prediction")
+        base = greedy_reward.unsqueeze(0)
+    elif baseline == "ema":
+        base = torch.as_tensor(rewards.mean() if ema is None else ema, dtype=rewards.dtype)
+    elif baseline == "none":
+        base = torch.zeros((), dtype=rewards.dtype)
+    else:
+        raise SegrewardError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
+    adv = rewards - base
+    # Step 2 (optional, explicit): scale to unit std over the batch.
+    if normalize and adv.numel() > 1:
+        adv = adv / (adv.std() + eps)
+    # Step 3: a reward function returning NaN (e.g. a user's) must not poison the update.
+    return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Validate shapes and label values; return logits upsampled (bilinearly, once) to the label size."""
+    if logits.dim() != 4:
+        raise SegrewardError(f"logits must be [B, C, H, W], got shape {tuple(logits.shape)}")
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.dim() != 3:
+        raise SegrewardError(f"label must be [B, H, W], got shape {tuple(target.shape)}")
+    if logits.shape[0] != target.shape[0]:
+        raise SegrewardError(f"logits batch {logits.shape[0]} differs from label batch {target.shape[0]}")
+    if logits.shape[1] != num_classes:
+        raise SegrewardError(f"logits have {logits.shape[1]} channels but the loss was built for "
+                             f"num_classes={num_classes}")
+    h, w = target.shape[-2:]
+    if logits.shape[-2:] != (h, w):
+        if logits.shape[-2] > h or logits.shape[-1] > w:
+            raise SegrewardError(f"logits {tuple(logits.shape[-2:])} are larger than the label {(h, w)}; "
+                                 "resize the label or the logits")
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    check_labels(target, num_classes, ignore_index)
+    return logits
+
+
+class ReinforceLoss(nn.Module):
+    """Minimising this loss maximises the expected task reward of sampled segmentations.
+
+    ``loss = module(logits, target)`` with logits ``[B, C, h, w]`` (upsampled bilinearly to the
+    label size ``[B, H, W]`` if smaller). ``ce_weight > 0`` adds cross-entropy on the label as
+    an anchor. After each call, ``module.diagnostics`` holds floats for logging: ``reward_mean``,
+    ``reward_std`` (across the K samples, averaged over images), ``adv_std``, ``greedy_reward``
+    (the argmax prediction's reward), ``entropy`` (mean per-pixel entropy of the policy, nats).
+    """
+
+    def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int = 4,
+                 baseline: str = "loo", temperature: float = 1.0, normalize: bool = False,
+                 ce_weight: float = 0.0, ignore_index: int = 255, class_weight=None,
+                 ema_momentum: float = 0.9, block: int = 16, reward_kwargs: dict | None = None):
+        super().__init__()
+        if baseline not in BASELINES:
+            raise SegrewardError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
+        if int(k) < 1:
+            raise SegrewardError(f"k must be >= 1, got {k}")
+        if baseline in ("loo", "mean") and int(k) < 2:
+            raise SegrewardError(f"baseline {baseline!r} compares a sample with the other samples of its image: "
+                                 f"it needs k >= 2 (got k={k}); use baseline 'greedy' or 'ema' for k=1")
+        if ce_weight < 0:
+            raise SegrewardError(f"ce_weight must be >= 0, got {ce_weight}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.k = int(k)
+        self.baseline = baseline
+        self.temperature = float(temperature)
+        self.normalize = bool(normalize)
+        self.ce_weight = float(ce_weight)
+        self.ema_momentum = float(ema_momentum)
+        reward_kwargs = dict(reward_kwargs or {})
+        builtin = isinstance(reward, str) and reward in REWARDS
+        if builtin and reward != "pixel_accuracy":
+            reward_kwargs.setdefault("validate", False)  # labels are checked once per call below
+        self.reward_fn = get_reward(reward, self.num_classes, self.ignore_index, **reward_kwargs)
+        self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
+        sampler_kwargs = {"temperature": self.temperature}
+        if sampler == "coherent":
+            sampler_kwargs["block"] = block
+        self.sampler = get_sampler(sampler, **sampler_kwargs) if isinstance(sampler, str) else sampler
+        self.sampler_name = sampler if isinstance(sampler, str) else type(sampler).__name__
+        if class_weight is not None:
+            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
+            if class_weight.numel() != self.num_classes:
+                raise SegrewardError(f"class_weight has {class_weight.numel()} entries for {self.num_classes} classes")
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.register_buffer("ema", torch.tensor(float("nan")))
+        self.diagnostics: dict[str, float] = {}
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, reward={self.reward_name}, sampler={self.sampler_name}, "
+                f"k={self.k}, baseline={self.baseline}, temperature={self.temperature}, "
+                f"normalize={self.normalize}, ce_weight={self.ce_weight}")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        logits = _check_inputs(logits, target, self.num_classes, self.ignore_index)
+        target = target.long()
+        b = target.shape[0]
+        mask = target != self.ignore_index
+        samples, log_prob = self.sampler(logits, self.k, mask)  # [K, B, H, W], [K, B]
+        with torch.no_grad():
+            flat_target = target.unsqueeze(0).expand(self.k, -1, -1, -1).reshape(-1, *target.shape[1:])
+            rewards = self.reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(self.k, b).float()
+            greedy = self.reward_fn(logits.argmax(1), target).float()
+            ema = None if torch.isnan(self.ema) else self.ema
+            adv = compute_advantages(rewards, self.baseline, greedy, ema, self.normalize)
+            # The EMA is tracked whatever the baseline, so it can be logged and switched to.
+            m = self.ema_momentum
+            batch_mean = rewards.mean()
+            self.ema.copy_(batch_mean if ema is None else m * self.ema + (1 - m) * batch_mean)
+        n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
+        loss = -(adv * log_prob / n_valid).mean()
+        if self.ce_weight > 0:
+            cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index)
+        with torch.no_grad():
+            logp = F.log_softmax(logits.float() / self.temperature, dim=1)
+            ent = -(logp.exp() * logp).sum(1)
+            entropy = (ent * mask).sum() / mask.sum().clamp_min(1)
+            self.diagnostics = {
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std(0).mean()) if self.k > 1 else 0.0,
+                "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+                "greedy_reward": float(greedy.mean()),
+                "entropy": float(entropy),
+            }
+        return loss
+
+
+class RewardWeightedCELoss(nn.Module):
+    """The earlier design, kept as a named baseline: **hard-example re-weighting, not a policy
+    gradient**. Per-image cross-entropy on the ground truth, weighted by ``h = 1 - mIoU(argmax)``
+    minus the leave-one-out mean of ``h`` over the other images in the batch (``h`` itself when
+    the batch has one image). Nothing is sampled; the reward only re-weights supervised CE, so
+    images with worse-than-average mIoU get pushed toward the label and better-than-average ones
+    get a negative weight. Diagnostics: ``greedy_reward``, ``weight_mean``, ``weight_std``.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_weight=None):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        if class_weight is not None:
+            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.diagnostics: dict[str, float] = {}
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        logits = _check_inputs(logits, target, self.num_classes, self.ignore_index)
+        target = target.long()
+        b = target.shape[0]
+        mask = target != self.ignore_index
+        with torch.no_grad():
+            hard = 1.0 - miou(logits.argmax(1), target, self.num_classes, self.ignore_index, validate=False)
+            weight = hard - (hard.sum() - hard) / (b - 1) if b > 1 else hard
+        cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
+        ce = F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index, reduction="none")
+        per_image = (ce * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+        self.diagnostics = {
+            "greedy_reward": float(1.0 - hard.mean()),
+            "weight_mean": float(weight.mean()),
+            "weight_std": float(weight.std()) if b > 1 else 0.0,
+        }
+        return (weight * per_image).mean()
