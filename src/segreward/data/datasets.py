@@ -7,6 +7,7 @@ and ignore index 255, and has a ``meta`` (``DatasetMeta``). The classes live in 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from segreward.data.folder import (IMAGENET_MEAN, IMAGENET_STD, FolderDataset, SegmentationDataset,
@@ -37,11 +38,27 @@ def build_dataset(name: str, root: str | Path, split: str | None = None, **kwarg
     if key not in DATASETS:
         raise SegrewardError(f"unknown dataset format {name!r}; known: {', '.join(dataset_names())}")
     cls = DATASETS[key]
-    try:
-        return cls(root, **kwargs) if split is None else cls(root, split, **kwargs)
-    except TypeError as e:
-        # An unknown keyword from a config: say which format rejected it.
-        raise SegrewardError(f"dataset {name!r}: {e}") from None
+    allowed = _keywords(cls)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise SegrewardError(f"dataset {name!r}: unknown option(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(sorted(allowed))}")
+    return cls(root, **kwargs) if split is None else cls(root, split, **kwargs)
+
+
+def _keywords(cls: type) -> set[str]:
+    """The keyword names a dataset class accepts (its own and those of its bases it passes on)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "root", "split", "pairs"):
+                names.add(p.name)
+        if klass is SegmentationDataset:
+            break
+    return names
 
 
 __all__ = ["DATASETS", "build_dataset", "dataset_names", "SegmentationDataset", "FolderDataset",
