@@ -428,3 +428,14 @@ def test_camvid_out_of_range_and_resize(tmp_path):
     assert ds[0][0].shape == (3, 4, 6) and ds[0][1].shape == (4, 6)
     with pytest.raises(SegrewardError, match=r"0006R0_f00960\.png: label values \[12\] out of range"):
         ds[1]
+
+
+def test_mean_std_scales_and_float_transform(tmp_path):
+    make_folder(tmp_path, n=1)
+    path = tmp_path / "img_dir/train/im0.png"
+    mm = FolderDataset(tmp_path, "train", img_suffix=".png", classes=3,
+                       mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    np.testing.assert_allclose(mm[0][0].numpy(), expected_image(path), atol=1e-4)
+    as_float = FolderDataset(tmp_path, "train", img_suffix=".png", classes=3,
+                             transform=lambda im, lb: (im.astype(np.float64), lb))
+    np.testing.assert_allclose(as_float[0][0].numpy(), expected_image(path), atol=1e-5)

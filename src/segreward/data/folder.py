@@ -150,11 +150,12 @@ class SegmentationDataset(Dataset):
         meta: classes, palette, ignore index, ``reduce_zero_label`` and ``label_map`` (raw -> train id).
         size: ``(H, W)`` to resize every item to (image bilinear, label nearest); ``None`` keeps it.
         transform: ``fn(image uint8 [H,W,3], label [H,W]) -> (image, label)`` on numpy, applied
-            after the cache. A float image it returns is taken to be in [0, 1] already.
+            after the cache. Its image may be uint8 or float, with values on the 0-255 scale.
         cache: keep the decoded, mapped, resized arrays in memory (each DataLoader worker keeps
             its own copy); ``preload()`` fills it up front.
-        mean, std: per-channel normalisation of the [0, 1] image (ImageNet by default; pass
-            ``(0, 0, 0)`` and ``(1, 1, 1)`` to get plain [0, 1] values).
+        mean, std: per-channel normalisation ``(image/255 - mean) / std`` (ImageNet by default;
+            ``(0, 0, 0)`` and ``(1, 1, 1)`` give plain [0, 1] values); values above 1 are read
+            on the 0-255 scale, as MMSegmentation configs write them (123.675, ...).
         verify: on load, read every file header and check that it is an image and that image
             and label sizes agree (errors name the files). Label values are checked per item.
         skip_mismatched: drop (with a warning) pairs whose sizes differ instead of raising.
@@ -178,10 +179,14 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-        if self.mean.size != 3 or self.std.size != 3 or (self.std <= 0).any():
+        m, s = np.asarray(mean, dtype=np.float32).ravel(), np.asarray(std, dtype=np.float32).ravel()
+        if m.size != 3 or s.size != 3 or (s <= 0).any():
             raise SegrewardError(f"mean={tuple(mean)}, std={tuple(std)}: expected 3 values each, std > 0")
+        # Kept on the 0-255 scale of the pixels; 0-1 values (ImageNet's 0.485, ...) are scaled up,
+        # 0-255 values as MMSegmentation configs write them (123.675, ...) are used as given.
+        if m.max() <= 1.0 and s.max() <= 1.0:
+            m, s = m * 255.0, s * 255.0
+        self.mean, self.std = m.reshape(3, 1, 1), s.reshape(3, 1, 1)
         self.label_palette = label_palette
         self._lut = meta.lut()
         if verify:
@@ -279,9 +284,7 @@ class SegmentationDataset(Dataset):
         image, label = self.load_arrays(index)
         if self.transform is not None:
             image, label = self.transform(image, label)
-        image = np.asarray(image)
-        scale = 1.0 / 255.0 if image.dtype == np.uint8 else 1.0
-        chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) * scale
+        chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
         chw = (chw - self.mean) / self.std
         return torch.from_numpy(chw), torch.from_numpy(np.asarray(label, dtype=np.int64))
 
