@@ -13,6 +13,7 @@ numpy -> tensors. The transform runs after the cache, so random augmentation dif
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -208,7 +209,6 @@ class SegmentationDataset(Dataset):
                                  + "; ".join(bad[:_SHOW]) + (f"; ... and {len(bad) - _SHOW} more" if len(bad) > _SHOW else "")
                                  + "; fix or remove them, or pass skip_mismatched=True")
         if bad:
-            import warnings
             warnings.warn(f"skipped {len(bad)} pair(s) whose image and label sizes differ: {bad[0]}", stacklevel=3)
             self.samples = keep
             if not keep:
