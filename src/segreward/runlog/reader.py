@@ -119,9 +119,11 @@ def _frame(records: list[dict], notes: list, what: str, path) -> pd.DataFrame:
     if not records:
         return pd.DataFrame({"step": pd.Series([], dtype="int64")})
     df = pd.DataFrame.from_records(records)
-    rename = {c: strip_mode_prefix(c) for c in df.columns}
-    if len(set(rename.values())) == len(rename):
-        df = df.rename(columns=rename)
+    for c in list(df.columns):  # "train/loss" (log_with_hierarchy) -> "loss"
+        n = strip_mode_prefix(c)
+        if n != c:
+            df[n] = df[n].where(df[c].isna(), df[c]) if n in df.columns else df[c]
+            df = df.drop(columns=c)
     for c in df.columns:
         if df[c].dtype == object:  # strings, lists, None: keep numbers only
             num = pd.to_numeric(df[c], errors="coerce")
@@ -203,22 +205,19 @@ def _detect_by_epoch(loss: pd.DataFrame, metrics: pd.DataFrame) -> bool:
 
 
 def _iters_per_epoch(loss: pd.DataFrame) -> float | None:
-    """Estimate from the steps where ``epoch`` changes: epoch e ends between the last step
-    logged in e and the first step logged in e+1."""
+    """Estimate from the training lines' ``epoch``: mmengine logs every ``interval``
+    iterations *within* an epoch, so the first logged step of consecutive epochs is exactly
+    one epoch apart. With a single epoch, its last logged step is the best guess."""
     if "epoch" not in loss.columns:
         return None
-    g = loss.dropna(subset=["epoch"]).groupby("epoch")["step"]
-    lo, hi = g.max(), g.min()
-    bounds = []
-    for e in lo.index:
-        if e + 1 in hi.index and e > 0:
-            bounds.append(((lo[e]) / e, hi[e + 1] / e))
-    if not bounds:
-        e = lo.index.max()
-        return float(lo[e] / e) if e and e > 0 else None
-    low = max(b[0] for b in bounds)
-    high = min(b[1] for b in bounds)
-    return float(round((low + high) / 2)) if low <= high else float(np.median([b[0] for b in bounds]))
+    first = loss.dropna(subset=["epoch"]).groupby("epoch")["step"].min()
+    if len(first) >= 2:
+        e = first.index.to_numpy(np.float64)
+        per = np.diff(first.to_numpy(np.float64)) / np.diff(e)
+        return float(np.median(per))
+    if len(first) == 1 and first.index[0] > 0:
+        return float(loss["step"].max() / first.index[0])
+    return None
 
 
 # ---------------------------------------------------------------- public entry point
