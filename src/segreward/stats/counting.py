@@ -444,7 +444,7 @@ def class_frequencies(
     spec: LabelSpec | None = None,
     class_names: Sequence[str] | None = None,
     workers: int | None = None,
-    progress: bool = True,
+    progress: bool | None = True,
     **spec_kwargs: Any,
 ) -> ClassFrequencies:
     """Count pixels per class in every label file under ``root`` (or in a list of files).
@@ -452,7 +452,8 @@ def class_frequencies(
     The label handling is given by ``spec`` or by keyword arguments of :func:`make_spec`
     (``num_classes``, ``ignore_index``, ``reduce_zero_label``, ``label_map``, ``map_unlisted``,
     ``palette``, ``dataset``, ``strict``, ``skip_bad``). ``workers`` processes count in
-    parallel (default: every core; 1 counts in this process). Without ``num_classes`` (and
+    parallel (default: every core; 1 counts in this process). ``progress=None`` shows the bar
+    only on a terminal. Without ``num_classes`` (and
     no dataset), the number of classes is the largest counted value + 1.
 
     Bad files (unreadable, or with values out of range under ``strict``) stop the run with a
@@ -485,16 +486,14 @@ def class_frequencies(
     workers = min(workers, len(files))
 
     total = _Tally(spec.num_classes or 0)
-    bar = tqdm(total=len(files), unit="img", desc="counting", disable=not progress, leave=False)
+    bar = tqdm(total=len(files), unit="img", desc="counting", disable=None if progress is None else not progress,
+               leave=False)
 
     def take(part: _Tally) -> None:
         total.merge(part)
         bar.update(part.seen)
         if part.bad and not spec.skip_bad:
-            path, message = part.bad[0]
-            how = ("use --skip-bad to skip such files and go on" if "not classes" in message
-                   else "use --skip-bad to skip unreadable files and go on")
-            raise SegrewardError(f"{message} ({how})")
+            raise SegrewardError(f"{part.bad[0][1]} (--skip-bad skips such files and goes on)")
 
     try:
         if workers == 1:
