@@ -165,7 +165,7 @@ def class_weights(
             w[present] = present.sum() * w[present] / w[present].sum()
         w[~present] = zero_weight
 
-    if method == "effective_num" and present.sum() > 1:
+    if method == "effective_num" and beta > 0 and present.sum() > 1:
         r = raw[present]
         if r.max() <= r.min() * 1.01 and counts[present].max() > counts[present].min():
             suggestion = 1 - 1 / float(np.median(counts[present]))
