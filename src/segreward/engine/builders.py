@@ -1,0 +1,127 @@
+"""Build datasets, losses and optimisers from a :class:`~segreward.engine.config.Config`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from segreward.engine.config import Config, LossConfig, OptimConfig
+from segreward.errors import SegrewardError
+
+
+def build_data(spec: dict, transform=None):
+    """A dataset from a spec ``{"type": NAME, ...keywords}``: ``synthetic`` (in memory), or any
+    format of :func:`segreward.data.datasets.build_dataset` (``folder``, ``camvid``, ...)."""
+    spec = dict(spec)
+    kind = str(spec.pop("type")).lower()
+    if kind == "synthetic":
+        from segreward.data.synthetic import SyntheticDataset
+        try:
+            ds = SyntheticDataset(transform=transform, **spec)
+        except TypeError as e:
+            raise SegrewardError(f"dataset 'synthetic': {e}") from None
+    else:
+        from segreward.data.datasets import build_dataset
+        root = spec.pop("root", None)
+        if root is None:
+            raise SegrewardError(f"dataset {kind!r} needs a 'root' folder")
+        split = spec.pop("split", None)
+        if transform is not None:
+            spec["transform"] = transform
+        ds = build_dataset(kind, root, split, **spec)
+    if len(ds) == 0:
+        raise SegrewardError(f"dataset {kind!r} ({spec}) is empty: no images found")
+    return ds
+
+
+def dataset_info(ds) -> tuple[int, int, list[str]]:
+    """``(num_classes, ignore_index, class_names)`` of a dataset."""
+    meta = getattr(ds, "meta", None)
+    classes = list(getattr(meta, "classes", None) or getattr(ds, "classes", []))
+    ignore = int(getattr(meta, "ignore_index", getattr(ds, "ignore_index", 255)))
+    if not classes:
+        raise SegrewardError("cannot tell the number of classes of the training data; set model.num_classes")
+    return len(classes), ignore, classes
+
+
+def read_class_weight(value, num_classes: int):
+    """Class weights from a list, or from a JSON file written by ``segreward stats weights``."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        try:
+            from segreward.stats import load_class_weights
+            value = load_class_weights(value)
+        except ImportError:  # pragma: no cover - the stats module is part of the package
+            data = json.loads(Path(value).read_text())
+            value = data["weights"] if isinstance(data, dict) else data
+    weights = [float(v) for v in value]
+    if len(weights) != num_classes:
+        raise SegrewardError(f"class weights have {len(weights)} entries but the model has {num_classes} classes")
+    return weights
+
+
+class CrossEntropy(nn.Module):
+    """Cross-entropy with optional class weights; logits are upsampled to the label size."""
+
+    def __init__(self, class_weight=None, ignore_index: int = 255):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.register_buffer("class_weight", None if class_weight is None else torch.tensor(class_weight),
+                             persistent=False)
+        self.diagnostics: dict[str, float] = {}
+
+    def forward(self, logits, target):
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, target, weight=self.class_weight, ignore_index=self.ignore_index)
+
+
+def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Module, str]:
+    """The loss module of the run and the name it is logged under (``loss_ce``, ...)."""
+    lc: LossConfig = cfg.loss
+    class_weight = read_class_weight(lc.class_weight, num_classes)
+    kind = cfg.loss_type
+    if kind == "ce":
+        return CrossEntropy(class_weight, ignore_index), "loss_ce"
+    if kind == "reward_weighted_ce":
+        from segreward.reinforce import RewardWeightedCELoss
+        return RewardWeightedCELoss(num_classes, ignore_index, class_weight), "loss_rwce"
+    from segreward.reinforce import ReinforceLoss
+    reward_kwargs = {}
+    if lc.reward_class_weight is not None:
+        reward_kwargs["class_weights"] = read_class_weight(lc.reward_class_weight, num_classes)
+    loss = ReinforceLoss(num_classes, reward=lc.reward, sampler=lc.sampler, k=lc.k, baseline=lc.baseline,
+                         temperature=lc.temperature, normalize=lc.normalize, ce_weight=lc.ce_weight,
+                         ignore_index=ignore_index, class_weight=class_weight, block=lc.block,
+                         reward_kwargs=reward_kwargs)
+    return loss, "loss_reinforce"
+
+
+def build_optimizer(params, oc: OptimConfig):
+    if oc.name == "sgd":
+        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    if oc.name == "adam":
+        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
+
+
+def build_scheduler(optimizer, oc: OptimConfig, total_iters: int):
+    """Linear warm-up, then constant / poly (power 0.9, mmseg's default) / cosine decay."""
+
+    def factor(step: int) -> float:
+        if oc.warmup_iters and step < oc.warmup_iters:
+            return (step + 1) / oc.warmup_iters
+        progress = min(1.0, step / max(1, total_iters))
+        if oc.schedule == "poly":
+            return max(0.0, 1 - progress) ** 0.9
+        if oc.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,234 @@
+"""Typed run configs: YAML files validated against dataclasses, with dotted overrides.
+
+    cfg = load_config("configs/synthetic_tune.yaml", ["loss.k=8", "train.iters=200"])
+
+Unknown keys are errors that list the valid ones; values are checked for type and range in
+``__post_init__`` so a bad config fails before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segreward.errors import SegrewardError
+
+
+def _choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SegrewardError(f"{what} = {value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(what: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise SegrewardError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="unet", metadata={"help": "built-in name (unet, ...) or adapter (segformer)"})
+    num_classes: int | None = field(default=None, metadata={"help": "default: from the training data"})
+    checkpoint: str | None = field(default=None, metadata={"help": "weights to start from (.pt/.pth/.safetensors/mmseg)"})
+    options: dict = field(default_factory=dict, metadata={"help": "keywords for the model builder"})
+
+
+@dataclass
+class LossConfig:
+    type: str | None = field(default=None, metadata={"help": "ce | reinforce | reward_weighted_ce (default: ce "
+                                                              "for stage pretrain, reinforce for tune)"})
+    reward: Any = field(default="miou", metadata={"help": "reward name or {name: weight}"})
+    sampler: str = "categorical"
+    k: int = 4
+    baseline: str = "loo"
+    temperature: float = 1.0
+    normalize: bool = False
+    ce_weight: float = 0.0
+    block: int = field(default=16, metadata={"help": "region size of the coherent sampler, pixels"})
+    class_weight: Any = field(default=None, metadata={"help": "list of floats or a weights.json path"})
+    reward_class_weight: Any = field(default=None, metadata={"help": "class weights of the weighted_miou reward"})
+
+    def __post_init__(self):
+        if self.type is not None:
+            _choice("loss.type", self.type, LOSS_TYPES)
+        _positive("loss.k", self.k)
+        _positive("loss.temperature", self.temperature)
+        _positive("loss.ce_weight", self.ce_weight, allow_zero=True)
+
+
+LOSS_TYPES = ("ce", "reinforce", "reward_weighted_ce")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = field(default="poly", metadata={"help": "constant | poly | cosine"})
+    warmup_iters: int = 0
+    grad_clip: float | None = None
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, ("adamw", "adam", "sgd"))
+        _choice("optim.schedule", self.schedule, ("constant", "poly", "cosine"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.warmup_iters", self.warmup_iters, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1000
+    batch_size: int = field(default=8, metadata={"help": "global batch (split over DDP ranks)"})
+    accumulate: int = field(default=1, metadata={"help": "gradient accumulation micro-steps per iteration"})
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    amp: str = field(default="none", metadata={"help": "none | bf16 | fp16 (fp16 on CUDA only)"})
+    num_workers: int = 0
+    augment: bool = True
+    crop: list | None = field(default=None, metadata={"help": "random crop [h, w] (default: no crop)"})
+    device: str = "auto"
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("iters", "batch_size", "accumulate", "eval_every", "checkpoint_every", "log_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+
+
+@dataclass
+class DataConfig:
+    train: dict = field(default_factory=lambda: {"type": "synthetic", "style": "day", "n": 256})
+    val: dict = field(default_factory=lambda: {"val": {"type": "synthetic", "style": "day", "n": 64, "split": "val"}},
+                      metadata={"help": "name -> dataset spec; the first is the primary (logged without prefix)"})
+
+    def __post_init__(self):
+        if not isinstance(self.train, dict) or "type" not in self.train:
+            raise SegrewardError(f"data.train must be a mapping with a 'type' key, got {self.train!r}")
+        if not isinstance(self.val, dict):
+            raise SegrewardError(f"data.val must map names to dataset specs, got {self.val!r}")
+        for name, spec in self.val.items():
+            if not isinstance(spec, dict) or "type" not in spec:
+                raise SegrewardError(f"data.val.{name} must be a mapping with a 'type' key, got {spec!r}")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    stage: str = field(default="pretrain", metadata={"help": "pretrain (cross-entropy) | tune (reward)"})
+    seed: int = 0
+    work_dir: str | None = field(default=None, metadata={"help": "default: runs/<name>"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _choice("stage", self.stage, ("pretrain", "tune"))
+        if self.work_dir is None:
+            self.work_dir = str(Path("runs") / self.name)
+
+    @property
+    def loss_type(self) -> str:
+        return self.loss.type or ("ce" if self.stage == "pretrain" else "reinforce")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value, annotation) -> bool:
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is not None:
+        annotation = origin
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise SegrewardError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SegrewardError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(prefix + k for k in unknown)}; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+            continue
+        if _type_ok(value, float) and hint in (float, float | None):
+            value = float(value)
+        if not _type_ok(value, hint):
+            tname = getattr(hint, "__name__", str(hint))
+            raise SegrewardError(f"config key {prefix}{name} = {value!r} has type {type(value).__name__}; expected {tname}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SegrewardError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise SegrewardError(f"override {item!r} must look like section.key=value (e.g. loss.k=8)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    return _build(Config, _merge(data or {}, parse_overrides(overrides)))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise SegrewardError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise SegrewardError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise SegrewardError(f"{p}: a config must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return config_from_dict(data, overrides)
+    except SegrewardError as e:
+        raise SegrewardError(f"{path}: {e}" if path else str(e)) from None
