@@ -12,7 +12,7 @@ import sys
 from segreward.errors import SegrewardError
 
 # Module names under segreward.cli, in the order shown by --help.
-_COMMANDS = ("demo", "train", "example", "stats", "logs")
+_COMMANDS = ("demo", "train", "stats", "logs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,6 +120,20 @@ class DataConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Unsupervised adaptation: train on a teacher's confident predictions instead of labels."""
+    enabled: bool = field(default=False, metadata={"help": "ignore the training labels; use pseudo-labels"})
+    teacher: str = field(default="start", metadata={"help": "start (frozen copy of the starting model) | ema"})
+    threshold: float = field(default=0.9, metadata={"help": "pixels whose teacher confidence is lower are ignored"})
+    ema_momentum: float = 0.999
+
+    def __post_init__(self):
+        _choice("pseudo_label.teacher", self.teacher, ("start", "ema"))
+        if not 0 <= self.threshold < 1:
+            raise SegrewardError(f"pseudo_label.threshold must be in [0, 1), got {self.threshold}")
+
+
+@dataclass
 class Config:
     name: str = "run"
     stage: str = field(default="pretrain", metadata={"help": "pretrain (cross-entropy) | tune (reward)"})
@@ -130,6 +144,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
     def __post_init__(self):
         _choice("stage", self.stage, ("pretrain", "tune"))

@@ -13,6 +13,7 @@ many GPUs under ``torchrun`` (DDP). A run is a directory::
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -101,6 +102,25 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, ignore_index:
     return metric.compute()
 
 
+@torch.no_grad()
+def pseudo_labels(teacher: nn.Module, x: torch.Tensor, size, threshold: float, ignore_index: int = 255) -> torch.Tensor:
+    """The teacher's argmax where its softmax confidence reaches ``threshold``, else ``ignore_index``."""
+    logits = teacher(x).float()
+    if logits.shape[-2:] != tuple(size):
+        logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    conf, label = torch.softmax(logits, dim=1).max(dim=1)
+    return torch.where(conf >= threshold, label, torch.full_like(label, ignore_index))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
+        if t.dtype.is_floating_point:
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+        else:
+            t.copy_(s)
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
@@ -151,7 +171,7 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
 
     # --- resume ---
-    start = 0
+    start, state = 0, None
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
@@ -166,6 +186,12 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
     if start >= tc.iters:
         raise SegrewardError(f"{ckpt_path}: this run already finished ({start} of {tc.iters} iterations); "
                              "raise train.iters to continue it")
+
+    teacher = None
+    if cfg.pseudo_label.enabled:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        if state is not None and "teacher" in state:
+            teacher.load_state_dict(state["teacher"])
 
     writer = None
     if info.is_main:
@@ -190,6 +216,7 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "step": step,
                          "rng": states, "config": cfg.to_dict(),
+                         **({"teacher": teacher.state_dict()} if teacher is not None else {}),
                          "meta": {"num_classes": num_classes, "classes": classes}}, ckpt_path)
 
     def run_eval(step: int) -> dict:
@@ -219,6 +246,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
             x, y = next(batches)
             data_time += time.perf_counter() - t0
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            if teacher is not None:
+                y = pseudo_labels(teacher, x, y.shape[-2:], cfg.pseudo_label.threshold, ignore_index)
             last_micro = micro == tc.accumulate - 1
             # Only the last micro-step all-reduces gradients (require_backward_grad_sync).
             sync = net.no_sync() if (info.enabled and not last_micro) else contextlib.nullcontext()
@@ -243,6 +272,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if teacher is not None and cfg.pseudo_label.teacher == "ema":
+            ema_update(teacher, model, cfg.pseudo_label.ema_momentum)
         done = step + 1
         bar.update(1)
 
@@ -251,6 +282,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
             n_iters = tc.log_every if done % tc.log_every == 0 else (done - start) % tc.log_every or tc.log_every
             line = {"lr": lr, "data_time": data_time / n_iters, "loss": float(total), loss_name: float(total)}
             line.update(getattr(loss_fn, "diagnostics", {}))
+            if teacher is not None:
+                line["pseudo_fraction"] = float((y != ignore_index).float().mean())
             line["time"] = (now - t_last) / n_iters
             if info.device.type == "cuda":
                 line["memory"] = int(torch.cuda.max_memory_allocated() // 2**20)

@@ -1,0 +1,29 @@
+# Reward-tune an MMSegmentation model with segreward: add REINFORCE on per-image mIoU to the
+# config you trained the model with. Copy this file next to that config, set `_base_` to it
+# and `load_from` to its checkpoint, then run (from the folder holding both files):
+#   python -m segreward.mmseg.train segreward_reinforce.py
+# (mmseg's tools/train.py and torchrun work the same way; see docs/mmseg.md).
+_base_ = ['./my_model_config.py']
+
+# Registers ReinforceLoss (and CamVid/synthetic datasets) in mmseg; fails loudly if missing.
+custom_imports = dict(imports=['segreward.mmseg'], allow_failed_imports=False)
+
+model = dict(
+    decode_head=dict(
+        loss_decode=dict(
+            type='ReinforceLoss',
+            num_classes=_base_.model.decode_head.num_classes,  # must match the head
+            reward='miou',  # per-image mIoU of each sampled segmentation (or dice, ...)
+            k=4,  # segmentations sampled per image
+            baseline='loo',  # a sample's reward minus the mean of the other k-1
+            loss_weight=1.0)))  # logged as decode.loss_reinforce
+# The auxiliary head (if any) keeps its cross-entropy loss: a cheap anchor to the labels.
+
+load_from = 'work_dirs/my_model_config/iter_80000.pth'  # the cross-entropy checkpoint
+# Tuning starts from a converged model: a 10x smaller, constant learning rate.
+optim_wrapper = dict(optimizer=dict(lr=_base_.optim_wrapper.optimizer.lr * 0.1))
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+train_cfg = dict(max_iters=4000, val_interval=500)
+default_hooks = dict(checkpoint=dict(interval=500))
+# Average the reward diagnostics (reinforce.reward_mean, ...) over the log window like losses.
+log_processor = dict(mean_pattern=r'.*(loss|time|data_time|grad_norm|reinforce\.).*')

@@ -1,0 +1,26 @@
+"""``segreward train CONFIG [key=value ...] [--resume]`` (also under ``torchrun -m segreward``)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="run one stage (pretrain or tune) from a YAML config",
+                       description="Train from a YAML config. Overrides use dotted keys, e.g. loss.k=8 "
+                                   "train.iters=200. Multi-process: torchrun --nproc_per_node=N -m segreward train ...")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from <work_dir>/checkpoints/last.pt if it exists")
+    p.add_argument("--work-dir", help="run directory (default: the config's work_dir, else runs/<name>)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from segreward.engine import load_config, train
+
+    overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, resume=args.resume)
+    for name, scores in result["val"].items():
+        print(f"{name}: mIoU {scores['mIoU']:.2f}  aAcc {scores['aAcc']:.2f}  mAcc {scores['mAcc']:.2f}")
+    print(f"run directory: {result['work_dir']}")
+    return 0
