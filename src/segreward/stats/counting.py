@@ -73,13 +73,11 @@ class LabelSpec:
 _WORD = np.arange(8)
 
 
-def value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values of ``label`` and their pixel counts (both ``int64``, values sorted).
+_ALL_BYTES = np.arange(256, dtype=np.int64)
 
-    Counts run ends instead of every pixel: ``np.bincount`` over a label map is slow because
-    long runs of one value hit the same bin again and again, while finding where the value
-    changes is a vectorised comparison.
-    """
+
+def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, counts)`` of ``label``; for ``uint8`` maps all 256 values (zeros included)."""
     flat = np.ascontiguousarray(label).reshape(-1)
     n = flat.size
     if n == 0:
@@ -88,11 +86,9 @@ def value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     full = (n - 1) // 8 * 8
     words = np.flatnonzero(change[:full].view(np.uint64))
     if words.size > full // 16 or n < 64:
-        # Noisy map (many short runs): the plain histogram is faster.
+        # Noisy map (changes in more than half of the 8-pixel words): the plain histogram is faster.
         if flat.dtype == np.uint8:
-            hist = np.bincount(flat, minlength=256)
-            values = np.flatnonzero(hist)
-            return values.astype(np.int64), hist[values].astype(np.int64)
+            return _ALL_BYTES, np.bincount(flat, minlength=256)
         values, counts = np.unique(flat, return_counts=True)
         return values.astype(np.int64), counts.astype(np.int64)
     # Positions i where flat[i] != flat[i + 1], found 8 bytes at a time, plus the last pixel.
@@ -101,12 +97,34 @@ def value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.diff(ends, prepend=-1)
     run_values = flat[ends]
     if flat.dtype == np.uint8:
-        hist = np.bincount(run_values, weights=lengths, minlength=256)
-        values = np.flatnonzero(hist)
-        return values.astype(np.int64), np.rint(hist[values]).astype(np.int64)
+        return _ALL_BYTES, np.bincount(run_values, weights=lengths, minlength=256).astype(np.int64)
     values, inverse = np.unique(run_values, return_inverse=True)
     counts = np.bincount(inverse.reshape(-1), weights=lengths, minlength=values.size)
-    return values.astype(np.int64), np.rint(counts).astype(np.int64)
+    return values.astype(np.int64), counts.astype(np.int64)
+
+
+def value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of ``label`` and their pixel counts (both ``int64``, values sorted).
+
+    Counts run ends instead of every pixel: ``np.bincount`` over a label map is slow because
+    long runs of one value hit the same bin again and again (each increment waits for the
+    previous one), while finding where the value changes is a vectorised comparison.
+    """
+    values, counts = _histogram(label)
+    keep = counts > 0
+    return values[keep], counts[keep]
+
+
+@lru_cache(maxsize=8)
+def _destination(spec: LabelSpec) -> np.ndarray:
+    """For every 16-bit raw value: its class id, ``num_classes`` if ignored, ``num_classes + 1``
+    if unknown: the whole per-value pipeline as one table lookup."""
+    assert spec.num_classes is not None
+    raw = np.arange(65536, dtype=np.int64)
+    ids = map_values(raw, spec)
+    dest = np.where((ids >= 0) & (ids < spec.num_classes), ids, spec.num_classes + 1)
+    dest[np.isin(ids, spec.ignore_index)] = spec.num_classes
+    return dest
 
 
 @lru_cache(maxsize=8)
@@ -188,11 +206,14 @@ class _Tally:
             self.size = size
 
     def add_image(self, per_class: np.ndarray) -> None:
-        self.grow(per_class.size)
+        if per_class.size > self.size:
+            self.grow(per_class.size)
+        elif per_class.size < self.size:
+            per_class = np.pad(per_class, (0, self.size - per_class.size))
         present = per_class > 0
-        self.counts[: per_class.size] += per_class
-        self.images[: per_class.size] += present
-        self.image_pixels[: per_class.size] += present * int(per_class.sum())
+        self.counts += per_class
+        self.images += present
+        self.image_pixels += present * int(per_class.sum())
         self.num_images += 1
 
     def merge(self, other: "_Tally") -> None:
@@ -223,7 +244,17 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
             if not spec.skip_bad:
                 break
             continue
-        values, counts = value_counts(label)
+        values, counts = _histogram(label)
+        if spec.num_classes is not None and values.size and values[0] >= 0 and values[-1] < 65536:
+            # Fast path: one table lookup and one small bincount per image.
+            dest = _destination(spec)[values]
+            per = np.bincount(dest, weights=counts, minlength=size + 2)
+            if per[size + 1] == 0:
+                tally.ignored += int(per[size])
+                tally.add_image(per[:size].astype(np.int64))
+                continue
+        keep = counts > 0
+        values, counts = values[keep], counts[keep]
         ids = map_values(values, spec) if (spec.reduce_zero_label or spec.label_map) else values
         ignored = np.isin(ids, spec.ignore_index)
         limit = spec.num_classes if spec.num_classes is not None else np.iinfo(np.int64).max
@@ -246,7 +277,7 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
         tally.ignored += int(counts[ignored].sum())
         ids, counts = ids[valid], counts[valid]
         per_class = np.bincount(ids, weights=counts, minlength=size) if ids.size else np.zeros(size)
-        tally.add_image(np.rint(per_class).astype(np.int64))
+        tally.add_image(per_class.astype(np.int64))
     return tally
 
 
