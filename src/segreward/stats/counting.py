@@ -70,7 +70,6 @@ class LabelSpec:
 
 # --------------------------------------------------------------------------- per image
 
-_WORD = np.arange(8)
 
 
 _ALL_BYTES = np.arange(256, dtype=np.int64)
@@ -82,18 +81,17 @@ def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = flat.size
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    change = flat[1:] != flat[:-1]
-    full = (n - 1) // 8 * 8
-    words = np.flatnonzero(change[:full].view(np.uint64))
-    if words.size > full // 16 or n < 64:
-        # Noisy map (changes in more than half of the 8-pixel words): the plain histogram is faster.
+    # Run ends: positions i where flat[i] != flat[i + 1], and the last pixel.
+    end = np.empty(n, dtype=bool)
+    np.not_equal(flat[1:], flat[:-1], out=end[:-1])
+    end[-1] = True
+    ends = np.flatnonzero(end)
+    if ends.size > n // 4:
+        # Noisy map (short runs): the plain histogram is faster.
         if flat.dtype == np.uint8:
             return _ALL_BYTES, np.bincount(flat, minlength=256)
         values, counts = np.unique(flat, return_counts=True)
         return values.astype(np.int64), counts.astype(np.int64)
-    # Positions i where flat[i] != flat[i + 1], found 8 bytes at a time, plus the last pixel.
-    candidates = (words[:, None] * 8 + _WORD).reshape(-1)
-    ends = np.concatenate((candidates[change[candidates]], np.flatnonzero(change[full:]) + full, [n - 1]))
     lengths = np.diff(ends, prepend=-1)
     run_values = flat[ends]
     if flat.dtype == np.uint8:
