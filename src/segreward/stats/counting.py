@@ -233,6 +233,7 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
     unless ``spec.skip_bad``; bad files are returned in ``tally.bad``, never raised."""
     size = spec.num_classes or 0
     tally = _Tally(size)
+    table = _destination(spec) if spec.num_classes is not None else None
     for path in map(Path, paths):
         tally.seen += 1
         try:
@@ -243,10 +244,9 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
                 break
             continue
         values, counts = _histogram(label)
-        if spec.num_classes is not None and values.size and values[0] >= 0 and values[-1] < 65536:
+        if table is not None and (values is _ALL_BYTES or (values.size and 0 <= values[0] and values[-1] < 65536)):
             # Fast path: one table lookup and one small bincount per image.
-            dest = _destination(spec)[values]
-            per = np.bincount(dest, weights=counts, minlength=size + 2)
+            per = np.bincount(table[values], weights=counts, minlength=size + 2)
             if per[size + 1] == 0:
                 tally.ignored += int(per[size])
                 tally.add_image(per[:size].astype(np.int64))
