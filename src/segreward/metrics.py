@@ -48,18 +48,31 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if pred.dim() < 1:
         raise SegrewardError("prediction and label need a batch dimension [N, ...]")
     c = int(num_classes)
-    if validate:
-        check_labels(target, c, ignore_index)
-        check_labels(pred, c, ignore_index=-(2**62), what="prediction")
     n = pred.shape[0]
     pred = pred.reshape(n, -1).long()
     target = target.reshape(n, -1).long()
-    offsets = torch.arange(n, device=pred.device).mul_(c * c).unsqueeze(1)
-    index = offsets + target * c + pred
-    # Ignored pixels go to one extra bin past the end instead of being compacted out (cheaper).
-    index = torch.where(target == ignore_index, n * c * c, index)
-    counts = torch.bincount(index.reshape(-1), minlength=n * c * c + 1)[: n * c * c]
-    return counts.reshape(n, c, c)
+    # Ignored pixels go to an extra label row ``c`` of their image (sliced off below) instead of
+    # being compacted out: fewer full passes over the pixels than masking (this is the hot path
+    # of every reward).
+    ignored = target == ignore_index
+    rows = target.masked_fill(ignored, c)
+    if validate:
+        # Fast range checks (one pass each); the slow, value-naming check only runs on a failure.
+        # A label equal to ``c`` that is not the ignore index shares row ``c``: caught by the count.
+        t_lo, t_hi = (int(v) for v in torch.aminmax(rows)) if rows.numel() else (0, 0)
+        if t_lo < 0 or t_hi > c:
+            check_labels(target, c, ignore_index)
+        p_lo, p_hi = (int(v) for v in torch.aminmax(pred)) if pred.numel() else (0, 0)
+        if p_lo < 0 or p_hi >= c:
+            check_labels(target, c, ignore_index)  # label errors are reported first
+            check_labels(pred, c, ignore_index=-(2**62), what="prediction")
+    offsets = torch.arange(n, device=pred.device).mul_((c + 1) * c).unsqueeze(1)
+    index = torch.add(pred, rows, alpha=c).add_(offsets)
+    size = n * (c + 1) * c
+    counts = torch.bincount(index.reshape(-1), minlength=size)[:size].reshape(n, c + 1, c)
+    if validate and t_hi == c and int(counts[:, c].sum()) != int(ignored.sum()):
+        check_labels(target, c, ignore_index)
+    return counts[:, :c].contiguous()
 
 
 def class_stats(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,
