@@ -70,7 +70,7 @@ def _base_config(data_root: Path) -> dict:
                           strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1), norm_cfg=norm_cfg),
             decode_head=dict(type="FCNHead", in_channels=64, in_index=0, channels=16, num_convs=1,
                              concat_input=False, num_classes=NUM_CLASSES, norm_cfg=norm_cfg, align_corners=False,
-                             loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0)),
+                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
             train_cfg=dict(), test_cfg=dict(mode="whole")),
         train_dataloader=dict(batch_size=2, num_workers=0, sampler=dict(type="InfiniteSampler", shuffle=True),
                               dataset=split("train")),

@@ -11,6 +11,7 @@ custom_imports = dict(imports=['segreward.mmseg'], allow_failed_imports=False)
 model = dict(
     decode_head=dict(
         loss_decode=dict(
+            _delete_=True,  # drop the CrossEntropyLoss keys of the base config
             type='ReinforceLoss',
             num_classes=_base_.model.decode_head.num_classes,  # must match the head
             reward='miou',  # per-image mIoU of each sampled segmentation (or dice, ...)

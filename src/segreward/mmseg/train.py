@@ -11,7 +11,8 @@ Runner initialise ``torch.distributed`` from the variables torchrun sets)::
     torchrun --nproc_per_node=4 -m segreward.mmseg.train CONFIG --launcher pytorch
 
 Options follow ``tools/train.py``: ``--work-dir``, ``--resume`` (from the latest checkpoint in
-the work dir), ``--amp``, ``--cfg-options key=value ...``.
+the work dir), ``--amp``, ``--cfg-options key=value ...``. ``--test`` evaluates the config's
+``load_from`` checkpoint on its ``test_dataloader`` instead of training (``tools/test.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
                    help="override config entries, e.g. train_cfg.max_iters=2000 "
                         "model.decode_head.loss_decode.k=8")
+    p.add_argument("--test", action="store_true",
+                   help="do not train: evaluate the config's load_from checkpoint on its test_dataloader")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                    help="job launcher; 'pytorch' under torchrun")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -69,13 +72,24 @@ def load_config(path: str, work_dir: str | None = None, resume: bool = False, am
     return cfg
 
 
-def train(cfg):
-    """Build mmengine's Runner (or the config's ``runner_type``) and train; returns the runner."""
+def train(cfg, test: bool = False):
+    """Build mmengine's Runner (or the config's ``runner_type``) and train (or, with ``test``,
+    evaluate ``load_from`` on the test set); returns the runner."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
+    if test:
+        if not cfg.get("load_from"):
+            raise SegrewardError("--test evaluates the config's load_from checkpoint, but load_from is not set; "
+                                 "add --cfg-options load_from=PATH")
+        if not osp.isfile(cfg.load_from):
+            raise SegrewardError(f"--test: checkpoint {cfg.load_from} not found (the config's load_from)")
+        cfg.resume = False
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    if test:
+        runner.test()
+    else:
+        runner.train()
     return runner
 
 
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, args.work_dir, args.resume, args.amp, args.cfg_options, args.launcher)
-        train(cfg)
+        train(cfg, test=args.test)
     except SegrewardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
