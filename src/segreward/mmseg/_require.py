@@ -31,7 +31,7 @@ def require_mmseg() -> None:
                     f"replace them: {UPSTREAM_FIX}") from exc
             raise MMSegNotInstalledError(
                 f"segreward.mmseg needs {module} (package {dist}), which is not installed; "
-                f"install the extra: {INSTALL}") from exc
+                f"install the extra: {INSTALL}") from None
         except (ImportError, AssertionError) as exc:
             # Upstream mmseg 1.2.x asserts mmcv < 2.2.0 at import, and mmcv 2.x wheels built
             # for another torch fail to load their compiled ops.
