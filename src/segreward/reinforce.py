@@ -157,7 +157,9 @@ class ReinforceLoss(nn.Module):
         with torch.no_grad():
             flat_target = target.unsqueeze(0).expand(self.k, -1, -1, -1).reshape(-1, *target.shape[1:])
             rewards = self.reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(self.k, b).float()
-            greedy = self.reward_fn(logits.argmax(1), target).float()
+            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
+            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
+            greedy = self.reward_fn(logits.max(1).indices, target).float()
             ema = None if torch.isnan(self.ema) else self.ema
             adv = compute_advantages(rewards, self.baseline, greedy, ema, self.normalize)
             # The EMA is tracked whatever the baseline, so it can be logged and switched to.
@@ -209,7 +211,7 @@ class RewardWeightedCELoss(nn.Module):
         b = target.shape[0]
         mask = target != self.ignore_index
         with torch.no_grad():
-            hard = 1.0 - miou(logits.argmax(1), target, self.num_classes, self.ignore_index, validate=False)
+            hard = 1.0 - miou(logits.max(1).indices, target, self.num_classes, self.ignore_index, validate=False)
             weight = hard - (hard.sum() - hard) / (b - 1) if b > 1 else hard
         cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
         ce = F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index, reduction="none")
