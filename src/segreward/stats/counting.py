@@ -165,6 +165,8 @@ def _unknown_message(path: Path, unknown: dict[int, int], spec: LabelSpec) -> st
     hint = ""
     if UNLISTED_COLOUR in unknown and spec.palette is not None:
         hint = f"; {UNLISTED_COLOUR} means a colour that is not in the palette"
+    if spec.reduce_zero_label or spec.label_map:
+        shown += " (after the label map / reduce-zero-label)"
     return (f"{path}: label values {shown}{more} are not classes (num_classes={spec.num_classes}) and not "
             f"ignored (ignore index {', '.join(map(str, spec.ignore_index))}){hint}; check --num-classes, "
             "--ignore-index, --label-map / --reduce-zero-label, or leave out --strict to count them as 'unknown'")
