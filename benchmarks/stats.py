@@ -6,7 +6,8 @@
 On a folder of PNG label maps (default: the CamVid annotations in ../shared/data/camvid,
 trainannot + valannot, 468 maps of 480x360, 11 classes) and on 300 generated maps of the same
 size with --generated-classes classes (ADE20K has 150; the naive loop is one pass per class),
-times, best of --repeat rounds (each round runs every variant once), in images per second (wall clock) and CPU ms per image (this process):
+times, best of --repeat rounds (each round runs every variant once), in images per second
+(wall clock) and CPU ms per image (this process):
 
   * decode:      segreward.data.io.read_label on every file (the physical limit on one core)
   * naive:       read_label + ``(label == c).sum()`` for every class c

@@ -60,14 +60,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--workers", type=_positive_int, help="worker processes (default: all cores)")
     f.add_argument("--out", default=".", help="folder for frequencies.json / .csv / .png (default: .)")
     f.add_argument("--plot", action="store_true", help="also write a bar chart frequencies.png (log scale)")
-    f.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (it is shown only on a terminal anyway)")
+    f.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (it is shown only on a terminal anyway)")
     f.set_defaults(func=_freq)
 
     w = sub.add_parser(
         "weights", help="class weights from frequencies.json",
         description="Class weights from the counts in frequencies.json; writes weights.json and prints a "
                     "class_weight=[...] line for MMSegmentation. By default the weights average 1.")
-    w.add_argument("freq_json", metavar="FREQ_JSON", help="frequencies.json from `segreward stats freq` (or its folder)")
+    w.add_argument("freq_json", metavar="FREQ_JSON",
+                   help="frequencies.json from `segreward stats freq` (or its folder)")
     w.add_argument("--method", choices=WEIGHT_METHODS, default="cvc",
                    help="cvc: 1/(C_c + s*T) (default); inv_freq: 1/f_c; sqrt_inv_freq: 1/sqrt(f_c); "
                         "median_freq: median(f)/f_c (SegNet); effective_num: (1-beta)/(1-beta^C_c) (Cui et al.)")
@@ -96,7 +98,8 @@ def _freq(args: argparse.Namespace) -> int:
         raise SegrewardError("--ignore-unlisted needs --label-map")
     freq = class_frequencies(
         args.root, suffix=args.suffix, recursive=args.recursive, class_names=names, workers=args.workers,
-        progress=None if args.progress else False, dataset=dataset, num_classes=args.num_classes, ignore_index=args.ignore_index,
+        progress=None if args.progress else False, dataset=dataset, num_classes=args.num_classes,
+        ignore_index=args.ignore_index,
         reduce_zero_label=args.reduce_zero_label,
         label_map=parse_label_map(args.label_map) if args.label_map else None,
         map_unlisted=args.ignore_unlisted, palette=parse_palette(args.palette) if args.palette else None,

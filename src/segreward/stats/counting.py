@@ -20,6 +20,7 @@ Steps 3-5 act on the histogram (a few distinct values per image), never on every
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -553,7 +554,8 @@ def class_frequencies(
                              "nothing to count")
     total.grow(num_classes)
     names = _class_names(class_names, num_classes)
-    options = {"dataset": dataset, "root": where, "suffix": suffix, "recursive": recursive, "num_images_found": len(files),
+    options = {"dataset": dataset, "root": where, "suffix": suffix, "recursive": recursive,
+               "num_images_found": len(files),
                "num_classes_inferred": spec.num_classes is None, **spec.describe()}
     options["num_classes"] = num_classes
     bad = sorted(total.bad)
@@ -579,8 +581,6 @@ def _class_names(names: Sequence[str] | None, num_classes: int) -> list[str]:
 def load_frequencies(path: str | Path) -> ClassFrequencies:
     """Read ``frequencies.json`` (or a folder holding it) written by :meth:`ClassFrequencies.to_dict`;
     a JSON object with just a ``counts`` list works too."""
-    import json
-
     path = Path(path)
     if path.is_dir():
         path = path / "frequencies.json"

@@ -186,7 +186,8 @@ def class_weights(
                         capped_classes=capped, warnings=notes)
 
 
-def weights_from_frequencies(freq: "ClassFrequencies | str | Path", method: str = "cvc", **kwargs: Any) -> ClassWeights:  # noqa: F821
+def weights_from_frequencies(freq: "ClassFrequencies | str | Path",  # noqa: F821
+                             method: str = "cvc", **kwargs: Any) -> ClassWeights:
     """:func:`class_weights` from a :class:`~segreward.stats.ClassFrequencies` or its JSON file."""
     from segreward.stats.counting import ClassFrequencies, load_frequencies
 
@@ -207,14 +208,16 @@ def load_class_weights(path: str | Path, num_classes: int | None = None) -> list
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SegrewardError(f"{path}: class weights file not found; create it with `segreward stats weights`") from None
+        raise SegrewardError(f"{path}: class weights file not found; create it with "
+                             "`segreward stats weights`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SegrewardError(f"{path}: not a readable JSON file ({e}); expected weights.json from "
                              "`segreward stats weights` or a JSON list of numbers") from None
     if isinstance(data, dict):
         key = next((k for k in ("weights", "class_weight") if k in data), None)
         if key is None:
-            raise SegrewardError(f"{path}: no 'weights' list in this JSON object (keys: {', '.join(sorted(data))[:200]}); "
+            keys = ", ".join(sorted(data))[:200]
+            raise SegrewardError(f"{path}: no 'weights' list in this JSON object (keys: {keys}); "
                                  "expected weights.json from `segreward stats weights` or a JSON list of numbers")
         data = data[key]
     if not isinstance(data, list) or not data:
