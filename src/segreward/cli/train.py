@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="run one stage (pretrain or tune) from a YAML config",
@@ -20,6 +22,8 @@ def run(args) -> int:
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     for name, scores in result["val"].items():
         print(f"{name}: mIoU {scores['mIoU']:.2f}  aAcc {scores['aAcc']:.2f}  mAcc {scores['mAcc']:.2f}")
     print(f"run directory: {result['work_dir']}")
