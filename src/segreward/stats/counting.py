@@ -217,6 +217,15 @@ class _Tally:
         self.image_pixels += present * int(per_class.sum())
         self.num_images += 1
 
+    def add_images(self, per_class: np.ndarray, ignored: int) -> None:
+        """Several images at once: ``per_class`` is ``[images, classes]``."""
+        present = per_class > 0
+        self.counts += per_class.sum(axis=0)
+        self.images += present.sum(axis=0)
+        self.image_pixels += (present * per_class.sum(axis=1, keepdims=True)).sum(axis=0)
+        self.num_images += per_class.shape[0]
+        self.ignored += ignored
+
     def merge(self, other: "_Tally") -> None:
         self.grow(other.size)
         for name in ("counts", "images", "image_pixels"):
@@ -237,6 +246,7 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
     size = spec.num_classes or 0
     tally = _Tally(size)
     table = _destination(spec) if spec.num_classes is not None else None
+    rows: list[np.ndarray] = []  # per image: pixels per class, then ignored, then unknown (= 0)
     for path in map(Path, paths):
         tally.seen += 1
         try:
@@ -251,8 +261,7 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
             # Fast path: one table lookup and one small bincount per image.
             per = np.bincount(table[values], weights=counts, minlength=size + 2)
             if per[size + 1] == 0:
-                tally.ignored += int(per[size])
-                tally.add_image(per[:size].astype(np.int64))
+                rows.append(per)  # summed once per chunk below
                 continue
         keep = counts > 0
         values, counts = values[keep], counts[keep]
@@ -279,6 +288,9 @@ def count_chunk(paths: Sequence[str | Path], spec: LabelSpec) -> _Tally:
         ids, counts = ids[valid], counts[valid]
         per_class = np.bincount(ids, weights=counts, minlength=size) if ids.size else np.zeros(size)
         tally.add_image(per_class.astype(np.int64))
+    if rows:
+        per_image = np.array(rows, dtype=np.int64)  # exact: float64 sums of pixel counts < 2**53
+        tally.add_images(per_image[:, :size], int(per_image[:, size].sum()))
     return tally
 
 
