@@ -17,7 +17,7 @@ Styles:
   lit windows and lamps, blur and strong sensor noise.
 * ``fog``  -- an extra domain: grey haze that grows with depth, washed-out colours.
 
-Everything is numpy; 500 images of 64x128 take about a second.
+Everything is numpy; 500 images of 64x128 take 2-3 s on one core.
 """
 
 from __future__ import annotations
