@@ -77,7 +77,10 @@ class CategoricalSampler:
             u = torch.rand(b, h, w, k, device=logp.device, generator=self.generator)
             idx = torch.searchsorted(cdf, u, right=True).clamp_(max=c - 1)  # [B, H, W, K]
             samples = idx.permute(3, 0, 1, 2).contiguous()
-        lp = logp.unsqueeze(0).expand(k, -1, -1, -1, -1).gather(2, samples.unsqueeze(2)).squeeze(2)
+        # Gather the K samples' log-probs along the class dim of logp itself (index [B, K, H, W]):
+        # same values as gathering from a K-fold expanded logp, but the backward scatters into one
+        # [B, C, H, W] buffer instead of a K times larger one that is then summed over K.
+        lp = logp.gather(1, samples.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)
         return samples, _masked_sum(lp, mask)
 
 
