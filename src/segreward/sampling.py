@@ -127,9 +127,9 @@ class CoherentSampler:
         cdf_g = torch.cumsum(p, dim=1)
         cdf_g = torch.cat([cdf_g[:, :-1], torch.ones_like(cdf_g[:, :1])], dim=1)
         cdf_prev = torch.cat([torch.zeros_like(cdf_g[:, :1]), cdf_g[:, :-1]], dim=1)
-        sel = samples.unsqueeze(2)
-        hi = cdf_g.unsqueeze(0).expand(k, -1, -1, -1, -1).gather(2, sel).squeeze(2)
-        lo = cdf_prev.unsqueeze(0).expand(k, -1, -1, -1, -1).gather(2, sel).squeeze(2)
+        sel = samples.permute(1, 0, 2, 3)  # [B, K, H, W]: gather without a K-fold expand (cheaper backward)
+        hi = cdf_g.gather(1, sel).permute(1, 0, 2, 3)
+        lo = cdf_prev.gather(1, sel).permute(1, 0, 2, 3)
         if mask is not None:  # unlabelled pixels constrain nothing
             m = mask.unsqueeze(0).expand(k, -1, -1, -1)
             hi = torch.where(m, hi, torch.ones_like(hi))
