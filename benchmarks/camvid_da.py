@@ -55,8 +55,10 @@ DAY, DUSK = ("0006R0", "0016E5"), "0001TP"
 PROTOCOLS = ("after_ce", "from_source", "uda")
 LABELLED = ["ce", "lovasz", "reward_weighted_ce"] + [
     f"reinforce_{s}_{b}{a}" for s in ("categorical", "coherent") for b in ("loo", "greedy") for a in ("", "_ce")]
-EXTRA = ["reinforce_categorical_loo_ce_wmiou", "reinforce_categorical_loo_ce_kl"]
-UDA = ["self_training", "reinforce_pseudo_categorical_loo", "reinforce_pseudo_categorical_loo_ce"]
+EXTRA = ["reinforce_categorical_loo_ce_wmiou", "reinforce_categorical_loo_ce_kl", "reinforce_categorical_loo_ce_norm",
+         "reinforce_coherent_loo_ce_norm"]
+UDA = ["self_training", "reinforce_pseudo_categorical_loo", "reinforce_pseudo_categorical_loo_ce",
+       "reinforce_pseudo_categorical_loo_ce_norm"]
 DEFAULT_METHODS = {"after_ce": LABELLED + EXTRA, "from_source": LABELLED, "uda": UDA}
 DIAG_KEYS = ("reward_mean", "reward_std", "adv_std", "greedy_reward", "entropy", "weight_std", "kl")
 
@@ -142,6 +144,7 @@ def make_loss(method: str, cfg, class_weights):
         reward, kwargs = "weighted_miou", {"class_weights": class_weights}
     loss = ReinforceLoss(NUM_CLASSES, reward=reward, sampler=sampler, k=cfg.k, baseline=baseline,
                          temperature=cfg.temperature, ce_weight=1.0 if "ce" in flags else 0.0,
+                         normalize="norm" in flags,
                          ignore_index=IGNORE, block=cfg.block, reward_kwargs=kwargs)
     return loss, (cfg.kl_weight if "kl" in flags else 0.0)
 
@@ -203,7 +206,18 @@ def run(args) -> dict:
     Xs, Ys = data["source"]
     Xt, Yt = data["target_tune"]
     weights = class_weights_from(Yt)
-    methods = {p: [m for m in DEFAULT_METHODS[p] if args.methods is None or m in args.methods] for p in args.protocols}
+    if args.methods is None:
+        methods = {p: list(DEFAULT_METHODS[p]) for p in args.protocols}
+    else:  # any labelled method may run in after_ce and from_source
+        methods = {p: [m for m in (UDA if p == "uda" else LABELLED + EXTRA) if m in args.methods] for p in args.protocols}
+    previous = []
+    out_json = Path(args.out).with_suffix(".json")
+    if args.append and out_json.exists():
+        old = json.loads(out_json.read_text())
+        previous = old["runs"]
+        args.prev_runtime_s = float(old.get("runtime_s", 0.0))
+        args.prev_commands = old["config"].get("commands", [old["config"].get("command")])
+    done = {(r["protocol"], r["method"], r["seed"]) for r in previous}
     per_seed = (args.pretrain_steps + args.finetune_steps
                 + len(methods.get("after_ce", [])) * args.extra_steps
                 + len(methods.get("from_source", [])) * args.source_steps
@@ -211,11 +225,16 @@ def run(args) -> dict:
     print(f"data: source {len(Xs)}, target tune {len(Xt)}, target eval {len(data['target_eval'][0])}, "
           f"source eval {len(data['source_eval'][0])} frames at {args.size[0]}x{args.size[1]}; "
           f"{per_seed} steps per seed", flush=True)
-    runs: list[dict] = []
+    runs: list[dict] = list(previous)
     bar = tqdm(total=per_seed * len(args.seeds), desc="camvid_da", dynamic_ncols=True)
 
     def record(protocol, method, seed, model, steps, diag=None, t0=None):
         s = score(model, data)
+        if (protocol, method, seed) in done:  # a shared starting point already recorded: check it reproduces
+            old = next(r for r in previous if (r["protocol"], r["method"], r["seed"]) == (protocol, method, seed))
+            tqdm.write(f"seed {seed} {protocol} {method}: recorded target {old['target_mIoU']}, "
+                       f"now {s['target_mIoU']:.3f} (rebuilt checkpoint)")
+            return old
         row = {"protocol": protocol, "method": method, "seed": seed, "steps": steps,
                "target_mIoU": round(s["target_mIoU"], 3), "source_mIoU": round(s["source_mIoU"], 3),
                "target_IoU": [round(v, 2) for v in s["target_IoU"]],
@@ -238,7 +257,8 @@ def run(args) -> dict:
         src = {k: v.clone() for k, v in model.state_dict().items()}
         row = record("from_source", "source_only", seed, model, 0, t0=t0)
         if "uda" in methods:
-            runs.append({**row, "protocol": "uda"})
+            if ("uda", "source_only", seed) not in done:
+                runs.append({**row, "protocol": "uda"})
         t0 = time.perf_counter()
         train_steps(model, Xt, Yt, args.finetune_steps, args.lr, args.batch, seed + 1, ce, bar=bar)
         ce_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -296,7 +316,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = ["# CamVid day -> dusk benchmark", "",
-             f"Command: `{cfg['command']}`  ", f"Total runtime: {result['runtime_s']:.0f} s "
+             "Commands: " + "; then ".join(f"`{c}`" for c in cfg["commands"]) + "  ", f"Total runtime: {result['runtime_s']:.0f} s "
              f"({cfg['threads']} CPU threads, machine shared with other jobs). Seeds: {cfg['seeds']}.", "",
              f"Data: {cfg['frames']}. Frames at {cfg['size'][0]}x{cfg['size'][1]}. U-Net width {cfg['width']}.",
              f"Steps (batch {cfg['batch']}): pretrain {cfg['pretrain_steps']} (lr {cfg['pretrain_lr']}), "
@@ -333,8 +353,9 @@ def markdown(result: dict) -> str:
 
 
 def save(args, runs, data, t_start, weights, partial: bool) -> dict:
-    cfg = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "prev_runtime_s", "prev_commands")}
     cfg["command"] = "python " + " ".join(sys.argv)
+    cfg["commands"] = list(getattr(args, "prev_commands", [])) + [cfg["command"]]
     cfg["classes"] = data["classes"]
     cfg["reward_class_weights"] = [round(w, 4) for w in weights]
     cfg["frames"] = (f"source {len(data['source'][0])} day frames (0006R0+0016E5, train), target tune "
@@ -342,7 +363,7 @@ def save(args, runs, data, t_start, weights, partial: bool) -> dict:
                      f"target eval {len(data['target_eval'][0])} ({data['target_eval_names'][0]}.."
                      f"{data['target_eval_names'][-1]}), source eval {len(data['source_eval'][0])}")
     result = {"runs": runs, "summary": summarize(runs), "config": cfg,
-              "runtime_s": round(time.perf_counter() - t_start, 1), "complete": not partial}
+              "runtime_s": round(time.perf_counter() - t_start + getattr(args, "prev_runtime_s", 0.0), 1), "complete": not partial}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -378,6 +399,8 @@ def parse(argv=None):
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--source-eval-every", type=int, default=4, help="score every N-th day val frame (1: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--append", action="store_true",
+                   help="add runs to the existing --out JSON (checkpoints are rebuilt from the same seeds)")
     p.add_argument("--out", default="results/camvid_da", help="output path without suffix (.json and .md)")
     args = p.parse_args(argv)
     if args.methods:
