@@ -1,7 +1,8 @@
 """``segreward demo``: the whole idea on a laptop, on embedded synthetic data (no download).
 
 1. *source only*: pretrain the built-in U-Net with cross-entropy on the synthetic **day** domain;
-2. *CE fine-tuned*: fine-tune with cross-entropy on a few labelled **dusk** images (the target);
+2. *CE fine-tuned*: fine-tune with cross-entropy on a few labelled **dusk** images (the target),
+   with as many source images replayed (so the source domain is not forgotten);
 3. from that checkpoint, spend the same extra budget two ways:
    (a) *+ extra CE* -- more cross-entropy on the same dusk images;
    (b) *+ reward tuning* -- :class:`~segreward.ReinforceLoss` on per-image mIoU;
@@ -30,6 +31,7 @@ class DemoSettings:
     n_source: int = 256
     n_target_labelled: int = 32
     n_eval: int = 64
+    n_replay: int = 32  # source images mixed into every target stage, against forgetting
     pretrain_iters: int = 400
     finetune_iters: int = 150
     extra_iters: int = 150
@@ -43,7 +45,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(size=(32, 64), n_source=32, n_target_labelled=8, n_eval=8, pretrain_iters=12, finetune_iters=6,
+        return cls(size=(32, 64), n_source=32, n_target_labelled=8, n_eval=8, n_replay=8, pretrain_iters=12,
+                   finetune_iters=6,
                    extra_iters=6, batch_size=4, width=8)
 
 
@@ -53,7 +56,9 @@ def _data(s: DemoSettings, seed: int) -> dict:
     source_eval = {"type": "synthetic", "style": "day", "n": s.n_eval, "seed": seed, "size": size, "split": "val"}
     return {
         "source": {"type": "synthetic", "style": "day", "n": s.n_source, "seed": seed, "size": size},
-        "target": {"type": "synthetic", "style": "dusk", "n": s.n_target_labelled, "seed": seed, "size": size},
+        "target": {"type": "concat", "parts": [
+            {"type": "synthetic", "style": "dusk", "n": s.n_target_labelled, "seed": seed, "size": size},
+            {"type": "synthetic", "style": "day", "n": s.n_replay, "seed": seed, "size": size}]},
         "val": {"target": target_eval, "source": source_eval},
     }
 
@@ -202,7 +207,8 @@ def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, pro
     report.write_text(
         f"# segreward demo\n\nCommand: `{command}` — {runtime / 60:.1f} min.\n\n"
         f"Synthetic street scenes, {s.size[0]}x{s.size[1]}: source = day ({s.n_source} labelled), target = dusk "
-        f"({s.n_target_labelled} labelled for fine-tuning, {s.n_eval} held out). Iterations of batch "
+        f"({s.n_target_labelled} labelled for fine-tuning, {s.n_eval} held out); the target stages train on the "
+        f"dusk images plus {s.n_replay} replayed day images. Iterations of batch "
         f"{s.batch_size}: pretrain {s.pretrain_iters}, CE fine-tune {s.finetune_iters}, then {s.extra_iters} more of "
         f"either cross-entropy or reward tuning (REINFORCE on per-image mIoU, K={s.k}, baseline {s.baseline}, "
         f"CE anchor {s.ce_weight}, Adam lr {s.tune_lr}).\n\n{table}\n\n"

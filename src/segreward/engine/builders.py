@@ -19,6 +19,8 @@ def build_data(spec: dict, transform=None):
     format of :func:`segreward.data.datasets.build_dataset` (``folder``, ``camvid``, ...)."""
     spec = dict(spec)
     kind = str(spec.pop("type")).lower()
+    if kind == "concat":
+        return _concat(spec, transform)
     if kind == "synthetic":
         from segreward.data.synthetic import SyntheticDataset
         try:
@@ -37,6 +39,24 @@ def build_data(spec: dict, transform=None):
     if len(ds) == 0:
         raise SegrewardError(f"dataset {kind!r} ({spec}) is empty: no images found")
     return ds
+
+
+def _concat(spec: dict, transform):
+    """``{"type": "concat", "parts": [spec, ...]}``: several datasets with the same classes as one
+    (e.g. a few target images plus source images replayed against forgetting)."""
+    parts = spec.pop("parts", None)
+    if spec:
+        raise SegrewardError(f"dataset 'concat' takes only 'parts', got also {sorted(spec)}")
+    if not isinstance(parts, list) or not parts:
+        raise SegrewardError("dataset 'concat' needs a non-empty list 'parts' of dataset specs")
+    datasets = [build_data(p, transform) for p in parts]
+    infos = [dataset_info(d) for d in datasets]
+    if any(i[0] != infos[0][0] for i in infos):
+        raise SegrewardError(f"dataset 'concat': parts have different numbers of classes {[i[0] for i in infos]}")
+    out = torch.utils.data.ConcatDataset(datasets)
+    out.meta = getattr(datasets[0], "meta", None)
+    out.classes, out.ignore_index = infos[0][2], infos[0][1]
+    return out
 
 
 def dataset_info(ds) -> tuple[int, int, list[str]]:

@@ -1,0 +1,21 @@
+"""The README's main command, in its quick variant: every stage runs and the report is written."""
+
+import json
+
+from segreward.cli import main
+
+
+def test_demo_quick_writes_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("source only", "CE fine-tuned", "+ extra CE", "+ reward tuning"):
+        assert stage in out
+    assert "Reward tuning minus extra CE" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    stages = results["per_seed"]["0"]
+    assert set(stages) == {"source_only", "ce_finetuned", "extra_ce", "reward_tuned"}
+    for stage in stages.values():
+        assert 0 <= stage["target"]["mIoU"] <= 100 and 0 <= stage["source"]["mIoU"] <= 100
+    for png in ("miou_curves.png", "examples.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    assert "miou_curves.png" in (tmp_path / "report.md").read_text()
