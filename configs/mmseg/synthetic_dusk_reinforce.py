@@ -3,9 +3,11 @@
 #
 # From the repository root, after stage 1:
 #   python -m segreward.mmseg.train configs/mmseg/synthetic_dusk_reinforce.py
-# Expected: about 5 minutes on 2 CPU cores (300 iterations, k=4 samples per image); compare
-# the first validation (iteration 100) with the day model on dusk:
+# Expected: 300 iterations (k=4 samples per image) took 10 minutes on 2 busy CPU cores. Dusk
+# validation mIoU went 28.4 (the day model, as evaluated by
 #   python -m segreward.mmseg.train configs/mmseg/synthetic_dusk_reinforce.py --test
+# ) -> 33.4 / 32.7 / 32.6 at iterations 100 / 200 / 300 (one seed; CE fine-tuning on the same
+# dusk data is the baseline to compare with).
 # and plot the run with `segreward logs plot work_dirs/synthetic_dusk_reinforce --out dusk.png`.
 _base_ = ['./synthetic_day_ce.py']
 
