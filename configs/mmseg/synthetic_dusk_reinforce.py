@@ -8,7 +8,7 @@
 #   python -m segreward.mmseg.train configs/mmseg/synthetic_dusk_reinforce.py --test
 # ) -> 33.4 / 32.7 / 32.6 at iterations 100 / 200 / 300 (one seed; CE fine-tuning on the same
 # dusk data is the baseline to compare with).
-# and plot the run with `segreward logs plot work_dirs/synthetic_dusk_reinforce --out dusk.png`.
+# Plot the run: `segreward logs plot work_dirs/synthetic_dusk_reinforce --out dusk.png`.
 _base_ = ['./synthetic_day_ce.py']
 
 data_root = 'data/synthetic/dusk'
