@@ -6,8 +6,11 @@
 # Expected: 300 iterations (k=4 samples per image) took 10 minutes on 2 busy CPU cores. Dusk
 # validation mIoU went 28.4 (the day model, as evaluated by
 #   python -m segreward.mmseg.train configs/mmseg/synthetic_dusk_reinforce.py --test
-# ) -> 33.4 / 32.7 / 32.6 at iterations 100 / 200 / 300 (one seed; CE fine-tuning on the same
-# dusk data is the baseline to compare with).
+# ) -> 33.4 / 32.7 / 32.6 at iterations 100 / 200 / 300 (one seed). Baseline to beat: the same
+# run with CrossEntropyLoss instead reached 45.3 / 46.2 / 47.7 -- at this learning rate the
+# REINFORCE step is far smaller than a CE step from a day-only model; this example shows the
+# plumbing (loss, logs, checkpoints), not tuned settings. The paper's recipe tunes a model
+# already trained with CE on the target data.
 # Plot the run: `segreward logs plot work_dirs/synthetic_dusk_reinforce --out dusk.png`.
 _base_ = ['./synthetic_day_ce.py']
 
