@@ -398,7 +398,8 @@ def parse(argv=None):
     p.add_argument("--block", type=int, default=16, help="coherent sampler region size (pixels)")
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--source-eval-every", type=int, default=4, help="score every N-th day val frame (1: all)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a loaded shared machine)")
     p.add_argument("--append", action="store_true",
                    help="add runs to the existing --out JSON (checkpoints are rebuilt from the same seeds)")
     p.add_argument("--out", default="results/camvid_da", help="output path without suffix (.json and .md)")
