@@ -67,6 +67,16 @@ def compute_advantages(rewards: torch.Tensor, baseline: str = "loo", greedy_rewa
     return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _prepare(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int):
+    """Validate shapes and label values; return ``(logits, target, mask)``: logits upsampled
+    (bilinearly, once) to the label size, the label as ``[B, H, W]`` long, and its labelled pixels."""
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    logits = _check_inputs(logits, target, num_classes, ignore_index)
+    target = target.long()
+    return logits, target, target != ignore_index
+
+
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """Validate shapes and label values; return logits upsampled (bilinearly, once) to the label size."""
     if logits.dim() != 4:
@@ -147,12 +157,8 @@ class ReinforceLoss(nn.Module):
                 f"normalize={self.normalize}, ce_weight={self.ce_weight}")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.dim() == 4 and target.shape[1] == 1:
-            target = target[:, 0]
-        logits = _check_inputs(logits, target, self.num_classes, self.ignore_index)
-        target = target.long()
+        logits, target, mask = _prepare(logits, target, self.num_classes, self.ignore_index)
         b = target.shape[0]
-        mask = target != self.ignore_index
         samples, log_prob = self.sampler(logits, self.k, mask)  # [K, B, H, W], [K, B]
         with torch.no_grad():
             flat_target = target.unsqueeze(0).expand(self.k, -1, -1, -1).reshape(-1, *target.shape[1:])
@@ -204,12 +210,8 @@ class RewardWeightedCELoss(nn.Module):
         self.diagnostics: dict[str, float] = {}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.dim() == 4 and target.shape[1] == 1:
-            target = target[:, 0]
-        logits = _check_inputs(logits, target, self.num_classes, self.ignore_index)
-        target = target.long()
+        logits, target, mask = _prepare(logits, target, self.num_classes, self.ignore_index)
         b = target.shape[0]
-        mask = target != self.ignore_index
         with torch.no_grad():
             hard = 1.0 - miou(logits.max(1).indices, target, self.num_classes, self.ignore_index, validate=False)
             weight = hard - (hard.sum() - hard) / (b - 1) if b > 1 else hard
