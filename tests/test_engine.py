@@ -193,3 +193,16 @@ def test_overrides_on_the_command_line(tmp_path):
     assert main(["train", str(cfg_path), "train.iters=2", "train.eval_every=2", "loss.type=reward_weighted_ce"]) == 0
     saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert saved["train"]["iters"] == 2 and saved["loss"]["type"] == "reward_weighted_ce"
+
+
+def test_class_weights_json_and_concat_data(tmp_path):
+    (tmp_path / "weights.json").write_text(json.dumps({"weights": [1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 4.0, 1.0]}))
+    parts = [{"type": "synthetic", "style": "day", "n": 4, "size": [32, 48]},
+             {"type": "synthetic", "style": "dusk", "n": 4, "size": [32, 48]}]
+    cfg = tiny_config(tmp_path / "cw", **{"loss.class_weight": str(tmp_path / "weights.json"), "train.iters": 2,
+                                          "train.eval_every": 2, "data.train": {"type": "concat", "parts": parts}})
+    assert train(config_from_dict(cfg))["step"] == 2
+    (tmp_path / "bad.json").write_text("[1.0, 2.0]")
+    cfg = tiny_config(tmp_path / "cw2", **{"loss.class_weight": str(tmp_path / "bad.json")})
+    with pytest.raises(Exception, match="bad.json"):
+        train(config_from_dict(cfg))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -74,12 +73,8 @@ def read_class_weight(value, num_classes: int):
     if value is None:
         return None
     if isinstance(value, (str, Path)):
-        try:
-            from segreward.stats import load_class_weights
-            value = load_class_weights(value)
-        except ImportError:  # pragma: no cover - the stats module is part of the package
-            data = json.loads(Path(value).read_text())
-            value = data["weights"] if isinstance(data, dict) else data
+        from segreward.stats import load_class_weights
+        return load_class_weights(value, num_classes)  # errors name the file
     weights = [float(v) for v in value]
     if len(weights) != num_classes:
         raise SegrewardError(f"class weights have {len(weights)} entries but the model has {num_classes} classes")
