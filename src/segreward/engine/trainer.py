@@ -219,11 +219,12 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
                          **({"teacher": teacher.state_dict()} if teacher is not None else {}),
                          "meta": {"num_classes": num_classes, "classes": classes}}, ckpt_path)
 
+    eval_batch = max(1, tc.batch_size // info.world_size)
+
     def run_eval(step: int) -> dict:
         results = {}
         for name, ds in val_sets.items():
-            results[name] = evaluate(model, ds, num_classes, ignore_index, batch_size=max(1, per_rank_eval),
-                                     info=info, amp=tc.amp)
+            results[name] = evaluate(model, ds, num_classes, ignore_index, batch_size=eval_batch, info=info, amp=tc.amp)
         if writer is not None:
             line = {}
             for j, (name, s) in enumerate(results.items()):
@@ -232,11 +233,10 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
             writer.log(step, line, mode="val")
         return results
 
-    per_rank_eval = max(1, tc.batch_size // info.world_size)
     bar = tqdm(total=tc.iters, initial=start, desc=f"{cfg.name} [{cfg.stage}]", disable=not (info.is_main and tc.progress),
                dynamic_ncols=True)
     results: dict = {}
-    t_last = time.perf_counter()
+    t_last, last_logged = time.perf_counter(), start
     data_time = 0.0
     model.train()
     for step in range(start, tc.iters):
@@ -279,7 +279,7 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
 
         if writer is not None and (done % tc.log_every == 0 or done == tc.iters):
             now = time.perf_counter()
-            n_iters = tc.log_every if done % tc.log_every == 0 else (done - start) % tc.log_every or tc.log_every
+            n_iters = done - last_logged
             line = {"lr": lr, "data_time": data_time / n_iters, "loss": float(total), loss_name: float(total)}
             line.update(getattr(loss_fn, "diagnostics", {}))
             if teacher is not None:
@@ -288,7 +288,7 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
             if info.device.type == "cuda":
                 line["memory"] = int(torch.cuda.max_memory_allocated() // 2**20)
             writer.log(done, line, mode="train")
-            t_last, data_time = now, 0.0
+            t_last, last_logged, data_time = now, done, 0.0
             bar.set_postfix(loss=f"{float(total):.4f}", refresh=False)
         if done % tc.eval_every == 0 or done == tc.iters:
             results = run_eval(done)
