@@ -130,6 +130,48 @@ def test_coherent_three_classes_matches_enumeration():
     assert cosine(est, exact) > 0.98
 
 
+def exact_expected_reward_local(logits, target, c):
+    """LocalSampler with block 1 and one region per image: one uniformly chosen pixel is drawn
+    from its distribution, every other pixel is the argmax."""
+    p = torch.softmax(logits, dim=1)[0]
+    greedy = p.argmax(0).numpy()
+    h, w = target.shape
+    total = 0.0
+    for i in range(h):
+        for j in range(w):
+            for v in range(c):
+                y = greedy.copy()
+                y[i, j] = v
+                total = total + p[v, i, j] * ref_miou(y, target.numpy(), c) / (h * w)
+    return total
+
+
+@pytest.mark.parametrize("baseline", ["loo", "greedy"])
+def test_local_gradient_matches_enumeration(baseline):
+    torch.manual_seed(0)
+    logits0 = torch.randn(1, 3, 2, 2)
+    target = torch.tensor([[0, 2], [2, 1]])
+    logits = logits0.clone().requires_grad_(True)
+    exact = torch.autograd.grad(exact_expected_reward_local(logits, target, 3), logits)[0]
+    loss = ReinforceLoss(3, k=4, sampler="local", block=1, fraction=0.25, baseline=baseline)
+    est = torch.zeros_like(logits0)
+    for _ in range(3000):  # a fresh region per call; the K=4 samples of a call share it
+        est += mc_gradient(loss, logits0, target)
+    assert cosine(est, exact) > 0.95
+
+
+def test_local_sampler_keeps_argmax_outside_its_regions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 16, 16)
+    samples, log_prob = get_sampler("local", block=4, fraction=0.25)(logits, 6)
+    greedy = logits.argmax(1)
+    changed = (samples != greedy.unsqueeze(0)).any(0)  # [B, H, W]
+    for b in range(2):
+        ys, xs = torch.nonzero(changed[b], as_tuple=True)
+        assert len(ys) > 0 and changed[b].float().mean() <= 0.5
+    assert log_prob.shape == (6, 2) and torch.all(log_prob <= 0)
+
+
 def test_coherent_marginals_equal_pixel_distribution_and_regions_agree():
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 1, 1).expand(1, 4, 8, 8).contiguous()  # same distribution everywhere

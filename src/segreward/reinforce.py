@@ -113,7 +113,8 @@ class ReinforceLoss(nn.Module):
     def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int = 4,
                  baseline: str = "loo", temperature: float = 1.0, normalize: bool = False,
                  ce_weight: float = 0.0, ignore_index: int = 255, class_weight=None,
-                 ema_momentum: float = 0.9, block: int = 16, reward_kwargs: dict | None = None):
+                 ema_momentum: float = 0.9, block: int = 16, fraction: float = 0.05,
+                 reward_kwargs: dict | None = None):
         super().__init__()
         if baseline not in BASELINES:
             raise SegrewardError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
@@ -139,8 +140,10 @@ class ReinforceLoss(nn.Module):
         self.reward_fn = get_reward(reward, self.num_classes, self.ignore_index, **reward_kwargs)
         self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
         sampler_kwargs = {"temperature": self.temperature}
-        if sampler == "coherent":
+        if sampler in ("coherent", "local"):
             sampler_kwargs["block"] = block
+        if sampler == "local":
+            sampler_kwargs["fraction"] = fraction
         self.sampler = get_sampler(sampler, **sampler_kwargs) if isinstance(sampler, str) else sampler
         self.sampler_name = sampler if isinstance(sampler, str) else type(sampler).__name__
         if class_weight is not None:

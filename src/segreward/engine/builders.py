@@ -113,7 +113,7 @@ def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Mod
         reward_kwargs["class_weights"] = read_class_weight(lc.reward_class_weight, num_classes)
     loss = ReinforceLoss(num_classes, reward=lc.reward, sampler=lc.sampler, k=lc.k, baseline=lc.baseline,
                          temperature=lc.temperature, normalize=lc.normalize, ce_weight=lc.ce_weight,
-                         ignore_index=ignore_index, class_weight=class_weight, block=lc.block,
+                         ignore_index=ignore_index, class_weight=class_weight, block=lc.block, fraction=lc.fraction,
                          reward_kwargs=reward_kwargs)
     return loss, "loss_reinforce"
 

@@ -49,7 +49,8 @@ class LossConfig:
     temperature: float = 1.0
     normalize: bool = False
     ce_weight: float = 0.0
-    block: int = field(default=16, metadata={"help": "region size of the coherent sampler, pixels"})
+    block: int = field(default=16, metadata={"help": "region size of the coherent and local samplers, pixels"})
+    fraction: float = field(default=0.05, metadata={"help": "share of regions the local sampler resamples"})
     class_weight: Any = field(default=None, metadata={"help": "list of floats or a weights.json path"})
     reward_class_weight: Any = field(default=None, metadata={"help": "class weights of the weighted_miou reward"})
 
