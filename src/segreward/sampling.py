@@ -52,6 +52,17 @@ def _cdf_last(logp: torch.Tensor) -> torch.Tensor:
     return torch.cat([cdf, torch.ones_like(p[..., :1])], dim=-1)
 
 
+@torch.no_grad()
+def _draw(logp: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """K independent per-pixel categorical draws ``[K, B, H, W]`` by inverse CDF: one uniform
+    number per pixel and sample, located with ``searchsorted``."""
+    b, c, h, w = logp.shape
+    cdf = _cdf_last(logp).contiguous()
+    u = torch.rand(b, h, w, k, device=logp.device, generator=generator)
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=c - 1)  # [B, H, W, K]
+    return idx.permute(3, 0, 1, 2).contiguous()
+
+
 def _masked_sum(lp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is not None:
         lp = lp * mask.unsqueeze(0).to(lp.dtype)
@@ -71,12 +82,7 @@ class CategoricalSampler:
 
     def __call__(self, logits: torch.Tensor, k: int, mask: torch.Tensor | None = None):
         logp = _policy(logits, self.temperature)
-        b, c, h, w = logp.shape
-        with torch.no_grad():
-            cdf = _cdf_last(logp).contiguous()
-            u = torch.rand(b, h, w, k, device=logp.device, generator=self.generator)
-            idx = torch.searchsorted(cdf, u, right=True).clamp_(max=c - 1)  # [B, H, W, K]
-            samples = idx.permute(3, 0, 1, 2).contiguous()
+        samples = _draw(logp, k, self.generator)
         # Gather the K samples' log-probs along the class dim of logp itself (index [B, K, H, W]):
         # same values as gathering from a K-fold expanded logp, but the backward scatters into one
         # [B, C, H, W] buffer instead of a K times larger one that is then summed over K.
@@ -183,10 +189,8 @@ class LocalSampler:
     def __call__(self, logits: torch.Tensor, k: int, mask: torch.Tensor | None = None):
         logp = _policy(logits, self.temperature)
         b, c, h, w = logp.shape
+        drawn = _draw(logp, k, self.generator)
         with torch.no_grad():
-            cdf = _cdf_last(logp).contiguous()
-            u = torch.rand(b, h, w, k, device=logp.device, generator=self.generator)
-            drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=c - 1).permute(3, 0, 1, 2)
             local = self.region_mask(b, h, w, logp.device)
             samples = torch.where(local.unsqueeze(0), drawn, logp.max(1).indices.unsqueeze(0)).contiguous()
         lp = logp.gather(1, samples.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)
