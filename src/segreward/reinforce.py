@@ -70,15 +70,6 @@ def compute_advantages(rewards: torch.Tensor, baseline: str = "loo", greedy_rewa
 def _prepare(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int):
     """Validate shapes and label values; return ``(logits, target, mask)``: logits upsampled
     (bilinearly, once) to the label size, the label as ``[B, H, W]`` long, and its labelled pixels."""
-    if target.dim() == 4 and target.shape[1] == 1:
-        target = target[:, 0]
-    logits = _check_inputs(logits, target, num_classes, ignore_index)
-    target = target.long()
-    return logits, target, target != ignore_index
-
-
-def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Validate shapes and label values; return logits upsampled (bilinearly, once) to the label size."""
     if logits.dim() != 4:
         raise SegrewardError(f"logits must be [B, C, H, W], got shape {tuple(logits.shape)}")
     if target.dim() == 4 and target.shape[1] == 1:
@@ -97,7 +88,8 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int, 
                                  "resize the label or the logits")
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
     check_labels(target, num_classes, ignore_index)
-    return logits
+    target = target.long()
+    return logits, target, target != ignore_index
 
 
 class ReinforceLoss(nn.Module):
