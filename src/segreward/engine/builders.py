@@ -81,6 +81,13 @@ def read_class_weight(value, num_classes: int):
     return weights
 
 
+def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits upsampled bilinearly to ``size`` (the label's), or returned as they are."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class CrossEntropy(nn.Module):
     """Cross-entropy with optional class weights; logits are upsampled to the label size."""
 
@@ -92,9 +99,7 @@ class CrossEntropy(nn.Module):
         self.diagnostics: dict[str, float] = {}
 
     def forward(self, logits, target):
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, target, weight=self.class_weight, ignore_index=self.ignore_index)
+        return F.cross_entropy(resize_logits(logits, target.shape[-2:]), target, weight=self.class_weight, ignore_index=self.ignore_index)
 
 
 def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Module, str]:

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segreward.engine import distributed as D
-from segreward.engine.builders import (build_data, build_loss, build_optimizer, build_scheduler, dataset_info)
+from segreward.engine.builders import (build_data, build_loss, build_optimizer, build_scheduler, dataset_info,
+                                       resize_logits)
 from segreward.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from segreward.engine.config import Config
 from segreward.errors import SegrewardError
@@ -95,9 +96,7 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, ignore_index:
         x, y = x.to(info.device), y.to(info.device)
         with _autocast(info.device, amp):
             logits = model(x)
-        if logits.shape[-2:] != y.shape[-2:]:
-            logits = nn.functional.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        metric.update(logits.argmax(1).cpu(), y.cpu())
+        metric.update(resize_logits(logits.float(), y.shape[-2:]).argmax(1).cpu(), y.cpu())
     model.train(was_training)
     return metric.compute()
 
@@ -105,9 +104,7 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, ignore_index:
 @torch.no_grad()
 def pseudo_labels(teacher: nn.Module, x: torch.Tensor, size, threshold: float, ignore_index: int = 255) -> torch.Tensor:
     """The teacher's argmax where its softmax confidence reaches ``threshold``, else ``ignore_index``."""
-    logits = teacher(x).float()
-    if logits.shape[-2:] != tuple(size):
-        logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    logits = resize_logits(teacher(x).float(), size)
     conf, label = torch.softmax(logits, dim=1).max(dim=1)
     return torch.where(conf >= threshold, label, torch.full_like(label, ignore_index))
 
