@@ -9,22 +9,66 @@ score each with a task reward ``R(y_k, t)`` (per-image mIoU, ...), and step alon
 where the baseline ``b_k`` does not depend on ``y_k`` (so the estimate stays unbiased) and
 only reduces its variance. ``log pi(y_k | x)`` is summed over labelled pixels and divided by
 their number, which only rescales the step per image (like choosing the learning rate).
+
+``estimator="local"`` replaces the sampled advantage by exact per-pixel credit (the
+local-expectation gradient, :mod:`segreward.credit`): for count-based rewards the reward
+change of flipping one pixel to each class is computed exactly, so the gradient carries no
+noise from the other pixels' samples. ``scope`` says what one reward is computed over: one
+image, the whole batch (all-reduced under DDP), or the batch plus discounted counts of earlier
+batches (``running``, closest to the dataset-level mIoU that is evaluated).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from segreward.credit import SCOPES, count_form, counts, credit_table, reward_from_counts
 from segreward.errors import SegrewardError
 from segreward.metrics import check_labels
 from segreward.rewards import REWARDS, get_reward, miou
-from segreward.sampling import get_sampler
+from segreward.sampling import CategoricalSampler, _draw, get_sampler
 
-__all__ = ["BASELINES", "compute_advantages", "ReinforceLoss", "RewardWeightedCELoss"]
+__all__ = ["BASELINES", "ESTIMATORS", "compute_advantages", "local_surrogate", "ReinforceLoss", "RewardWeightedCELoss"]
 
 BASELINES = ("loo", "greedy", "mean", "ema", "none")
+ESTIMATORS = ("sample", "local")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over DDP ranks (in place); a no-op in a single process."""
+    if _world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def local_surrogate(probs: torch.Tensor, samples: torch.Tensor, target: torch.Tensor, form, group_counts: torch.Tensor,
+                    ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local-expectation surrogate ``-sum_i sum_c p_i(c) * credit_i(c)``, averaged over samples.
+
+    ``probs`` ``[B, C, H, W]`` (carries the gradient), ``samples`` ``[K, B, H, W]``, ``group_counts``
+    ``[K, G, C, 3]``: the counts each reward is computed over (``G = B``: per image; ``G = 1``: the
+    batch, possibly all-reduced and with a running part). Returns ``(loss_per_group [G], credit)``
+    with the credit averaged over the K samples. Its gradient is exactly ``grad E[R]`` per group
+    in expectation over the samples (see :mod:`segreward.credit`).
+    """
+    k, bsz = samples.shape[:2]
+    g = group_counts.shape[1]
+    group = torch.arange(bsz, device=probs.device) if g == bsz else torch.zeros(bsz, dtype=torch.long, device=probs.device)
+    with torch.no_grad():
+        credit = torch.zeros_like(probs)
+        for j in range(k):  # one [B, C, H, W] buffer whatever K is
+            credit.add_(credit_table(form, samples[j], target, group_counts[j], group, ignore_index, probs.dtype))
+        credit.div_(k)
+    per_image = -(probs * credit).flatten(1).sum(1)  # [B]
+    per_group = torch.zeros(g, dtype=per_image.dtype, device=per_image.device).index_add(0, group, per_image)
+    return per_group, credit
 
 
 def compute_advantages(rewards: torch.Tensor, baseline: str = "loo", greedy_reward: torch.Tensor | None = None,
@@ -102,21 +146,32 @@ class ReinforceLoss(nn.Module):
     (the argmax prediction's reward), ``entropy`` (mean per-pixel entropy of the policy, nats).
     """
 
-    def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int = 4,
+    def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int | None = None,
                  baseline: str = "loo", temperature: float = 1.0, normalize: bool = False,
                  ce_weight: float = 0.0, ignore_index: int = 255, class_weight=None,
                  ema_momentum: float = 0.9, block: int = 16, fraction: float = 0.05,
-                 reward_kwargs: dict | None = None):
+                 reward_kwargs: dict | None = None, estimator: str = "sample", scope: str = "image",
+                 momentum: float = 0.9, sync: bool = True):
         super().__init__()
+        if estimator not in ESTIMATORS:
+            raise SegrewardError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if scope not in SCOPES:
+            raise SegrewardError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+        if not 0 <= momentum < 1:
+            raise SegrewardError(f"momentum must be in [0, 1), got {momentum}")
+        k = (4 if estimator == "sample" else 1) if k is None else k
         if baseline not in BASELINES:
             raise SegrewardError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
         if int(k) < 1:
             raise SegrewardError(f"k must be >= 1, got {k}")
-        if baseline in ("loo", "mean") and int(k) < 2:
+        if estimator == "sample" and baseline in ("loo", "mean") and int(k) < 2:
             raise SegrewardError(f"baseline {baseline!r} compares a sample with the other samples of its image: "
                                  f"it needs k >= 2 (got k={k}); use baseline 'greedy' or 'ema' for k=1")
         if ce_weight < 0:
             raise SegrewardError(f"ce_weight must be >= 0, got {ce_weight}")
+        if estimator == "local" and not (sampler == "categorical" or isinstance(sampler, CategoricalSampler)):
+            raise SegrewardError(f"estimator 'local' needs the factorised policy of sampler 'categorical', got {sampler!r}")
+        self.estimator, self.scope, self.momentum, self.sync = estimator, scope, float(momentum), bool(sync)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.k = int(k)
@@ -131,6 +186,14 @@ class ReinforceLoss(nn.Module):
             reward_kwargs.setdefault("validate", False)  # labels are checked once per call below
         self.reward_fn = get_reward(reward, self.num_classes, self.ignore_index, **reward_kwargs)
         self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
+        # The counts form (R = sum a / sum b of per-class counts): needed by the local estimator
+        # and by the running scope; None for a user's callable.
+        try:
+            self.form = count_form(reward, self.num_classes, reward_kwargs.get("class_weights"))
+        except SegrewardError:
+            if estimator == "local" or scope == "running":
+                raise
+            self.form = None
         sampler_kwargs = {"temperature": self.temperature}
         if sampler in ("coherent", "local"):
             sampler_kwargs["block"] = block
@@ -144,45 +207,139 @@ class ReinforceLoss(nn.Module):
                 raise SegrewardError(f"class_weight has {class_weight.numel()} entries for {self.num_classes} classes")
         self.register_buffer("class_weight", class_weight, persistent=False)
         self.register_buffer("ema", torch.tensor(float("nan")))
+        # Scope 'running': discounted sum of earlier batches' (I, P, L) counts, saved with the
+        # loss's state dict (so checkpoints carry it); reset with reset_running().
+        self.register_buffer("running_counts", torch.zeros(self.num_classes, 3, dtype=torch.float64))
         self.diagnostics: dict[str, float] = {}
 
+    def reset_running(self) -> None:
+        """Forget the counts of earlier batches (scope ``running``)."""
+        self.running_counts.zero_()
+
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, reward={self.reward_name}, sampler={self.sampler_name}, "
-                f"k={self.k}, baseline={self.baseline}, temperature={self.temperature}, "
-                f"normalize={self.normalize}, ce_weight={self.ce_weight}")
+        return (f"num_classes={self.num_classes}, reward={self.reward_name}, estimator={self.estimator}, "
+                f"scope={self.scope}, sampler={self.sampler_name}, k={self.k}, baseline={self.baseline}, "
+                f"temperature={self.temperature}, normalize={self.normalize}, ce_weight={self.ce_weight}")
+
+    def _batch_counts(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Counts ``[K, G, C, 3]`` each reward is computed over: per image (``G = B``), or summed over
+        the batch (``G = 1``; all-reduced across DDP ranks; plus the running counts)."""
+        k, b = samples.shape[:2]
+        flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
+        cnt = counts(samples.reshape(-1, *target.shape[1:]), flat_target, self.num_classes, self.ignore_index)
+        cnt = cnt.view(k, b, self.num_classes, 3).to(torch.float64)
+        if self.scope == "image":
+            return cnt
+        cnt = cnt.sum(1, keepdim=True)
+        if self.sync:
+            _all_reduce(cnt)
+        return cnt
+
+    def _with_running(self, cnt: torch.Tensor) -> torch.Tensor:
+        """Add the running counts (scope ``running``) and, in training, fold this batch into them."""
+        if self.scope != "running":
+            return cnt
+        running = self.running_counts.to(cnt.device)
+        if self.training:
+            self.running_counts.copy_(self.momentum * (running + cnt.mean(0)[0]))
+        return cnt + running
+
+    def _rewards(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` at this loss's scope."""
+        k, b = samples.shape[:2]
+        if self.form is not None:
+            cnt = self._batch_counts(samples, target)
+            if self.scope == "running":
+                cnt = cnt + self.running_counts.to(cnt.device)
+            return reward_from_counts(self.form, cnt[..., 0], cnt[..., 1], cnt[..., 2]).float()
+        if self.scope == "image":
+            flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
+            return self.reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(k, b).float()
+        # A user's callable at scope 'batch': the batch as one tall image (no counts to all-reduce).
+        if self.sync and _world_size() > 1:
+            raise SegrewardError(f"reward {self.reward_name!r} has no counts form, so scope 'batch' cannot be "
+                                 "all-reduced under DDP; use a built-in reward or scope 'image'")
+        tall = samples.reshape(k, 1, -1, target.shape[-1])
+        return self.reward_fn(tall.reshape(k, -1, target.shape[-1]),
+                              target.reshape(1, -1, target.shape[-1]).expand(k, -1, -1)).reshape(k, 1).float()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target, mask = _prepare(logits, target, self.num_classes, self.ignore_index)
-        b = target.shape[0]
-        samples, log_prob = self.sampler(logits, self.k, mask)  # [K, B, H, W], [K, B]
-        with torch.no_grad():
-            flat_target = target.unsqueeze(0).expand(self.k, -1, -1, -1).reshape(-1, *target.shape[1:])
-            rewards = self.reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(self.k, b).float()
-            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
-            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
-            greedy = self.reward_fn(logits.max(1).indices, target).float()
-            ema = None if torch.isnan(self.ema) else self.ema
-            adv = compute_advantages(rewards, self.baseline, greedy, ema, self.normalize)
-            # The EMA is tracked whatever the baseline, so it can be logged and switched to.
-            m = self.ema_momentum
-            batch_mean = rewards.mean()
-            self.ema.copy_(batch_mean if ema is None else m * self.ema + (1 - m) * batch_mean)
-        n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
-        loss = -(adv * log_prob / n_valid).mean()
+        if self.estimator == "local":
+            loss = self._local(logits, target, mask)
+        else:
+            loss = self._sampled(logits, target, mask)
         if self.ce_weight > 0:
             cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
             loss = loss + self.ce_weight * F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index)
         with torch.no_grad():
             logp = F.log_softmax(logits.float() / self.temperature, dim=1)
             ent = -(logp.exp() * logp).sum(1)
-            entropy = (ent * mask).sum() / mask.sum().clamp_min(1)
+            self.diagnostics["entropy"] = float((ent * mask).sum() / mask.sum().clamp_min(1))
+        return loss
+
+    def _local(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logp = F.log_softmax(logits.to(dtype) / self.temperature, dim=1)
+        samples = _draw(logp.detach(), self.k, self.sampler.generator)  # [K, B, H, W]
+        with torch.no_grad():
+            greedy = self._rewards(logits.max(1).indices.unsqueeze(0), target)  # before the running update
+            cnt = self._with_running(self._batch_counts(samples, target))
+            rewards = reward_from_counts(self.form, cnt[..., 0], cnt[..., 1], cnt[..., 2])  # [K, G]
+        per_group, credit = local_surrogate(logp.exp(), samples, target, self.form, cnt, self.ignore_index)
+        if self.scope == "image":
+            loss = per_group.mean()  # gradient of the mean per-image expected reward
+        else:
+            # The gradient of the global batch's reward is the sum over ranks; DDP averages, so scale.
+            loss = per_group.sum() * (_world_size() if self.sync else 1)
+        with torch.no_grad():
+            n = mask.sum().clamp_min(1)
+            label_credit = credit.gather(1, target.clamp(0, self.num_classes - 1).unsqueeze(1))[:, 0]
             self.diagnostics = {
                 "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std(0).mean()) if self.k > 1 else 0.0,
-                "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
                 "greedy_reward": float(greedy.mean()),
-                "entropy": float(entropy),
+                # mean |R(y_i := c) - R(y)| over labelled pixels and the C - 1 alternatives
+                "credit_abs": float(credit.abs().sum() / (n * max(1, self.num_classes - 1))),
+                # share of labelled pixels where switching to the label class would raise the reward
+                "credit_label_pos": float(((label_credit > 0) & mask).sum() / n),
             }
+        return loss.to(logits.dtype) if logits.dtype == torch.float64 else loss
+
+    def _sampled(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        samples, log_prob = self.sampler(logits, self.k, mask)  # [K, B, H, W], [K, B]
+        if self.scope != "image":
+            # One reward per sample of the whole (global) batch: the batch is one image.
+            log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
+        with torch.no_grad():
+            rewards = self._rewards(samples, target)  # [K, B] or [K, 1]
+            if self.scope == "image":
+                n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
+            else:
+                n_valid = mask.sum().to(log_prob.dtype).reshape(1)
+                if self.sync:
+                    _all_reduce(n_valid)
+                n_valid = n_valid.clamp_min(1)
+            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
+            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
+            greedy = self._rewards(logits.max(1).indices.unsqueeze(0), target)[0]
+            if self.scope == "running" and self.training:
+                self._with_running(self._batch_counts(samples, target))  # fold this batch in
+            ema = None if torch.isnan(self.ema) else self.ema
+            adv = compute_advantages(rewards, self.baseline, greedy, ema, self.normalize)
+            # The EMA is tracked whatever the baseline, so it can be logged and switched to.
+            m = self.ema_momentum
+            batch_mean = rewards.mean()
+            self.ema.copy_(batch_mean if ema is None else m * self.ema + (1 - m) * batch_mean)
+        loss = -(adv * log_prob / n_valid).mean()
+        if self.scope != "image" and self.sync:
+            loss = loss * _world_size()  # DDP averages the ranks' parts of one global sample
+        self.diagnostics = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(0).mean()) if self.k > 1 else 0.0,
+            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+            "greedy_reward": float(greedy.mean()),
+        }
         return loss
 
 

@@ -109,6 +109,12 @@ def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Mod
     kind = cfg.loss_type
     if kind == "ce":
         return CrossEntropy(class_weight, ignore_index), "loss_ce"
+    if kind == "lovasz":
+        if class_weight is not None:
+            raise SegrewardError("loss.class_weight is not used by loss.type=lovasz (it averages the per-class "
+                                 "Jaccard surrogates equally); remove it or use loss.type=ce")
+        from segreward.lovasz import LovaszSoftmaxLoss
+        return LovaszSoftmaxLoss(ignore_index), "loss_lovasz"  # upsamples the logits to the label size itself
     if kind == "reward_weighted_ce":
         from segreward.reinforce import RewardWeightedCELoss
         return RewardWeightedCELoss(num_classes, ignore_index, class_weight), "loss_rwce"
@@ -119,7 +125,7 @@ def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Mod
     loss = ReinforceLoss(num_classes, reward=lc.reward, sampler=lc.sampler, k=lc.k, baseline=lc.baseline,
                          temperature=lc.temperature, normalize=lc.normalize, ce_weight=lc.ce_weight,
                          ignore_index=ignore_index, class_weight=class_weight, block=lc.block, fraction=lc.fraction,
-                         reward_kwargs=reward_kwargs)
+                         reward_kwargs=reward_kwargs, estimator=lc.estimator, scope=lc.scope, momentum=lc.momentum)
     return loss, "loss_reinforce"
 
 

@@ -40,11 +40,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    type: str | None = field(default=None, metadata={"help": "ce | reinforce | reward_weighted_ce (default: ce "
-                                                              "for stage pretrain, reinforce for tune)"})
+    type: str | None = field(default=None, metadata={"help": "ce | lovasz | reinforce | reward_weighted_ce (default: "
+                                                              "ce for stage pretrain, reinforce for tune)"})
     reward: Any = field(default="miou", metadata={"help": "reward name or {name: weight}"})
+    estimator: str = field(default="sample", metadata={"help": "sample (REINFORCE on whole samples) | local (exact "
+                                                                "per-pixel credit; count-based rewards)"})
+    scope: str = field(default="image", metadata={"help": "what one reward is computed over: image | batch | running"})
+    momentum: float = field(default=0.9, metadata={"help": "scope running: discount of earlier batches' counts"})
     sampler: str = "categorical"
-    k: int = 4
+    k: int | None = field(default=None, metadata={"help": "samples per image (default: 4 for sample, 1 for local)"})
     baseline: str = "loo"
     temperature: float = 1.0
     normalize: bool = False
@@ -53,16 +57,24 @@ class LossConfig:
     fraction: float = field(default=0.05, metadata={"help": "share of regions the local sampler resamples"})
     class_weight: Any = field(default=None, metadata={"help": "list of floats or a weights.json path"})
     reward_class_weight: Any = field(default=None, metadata={"help": "class weights of the weighted_miou reward"})
+    kl_weight: float = field(default=0.0, metadata={"help": "weight of KL(start model || current) per pixel, a trust "
+                                                             "region around the starting checkpoint (0: off)"})
 
     def __post_init__(self):
         if self.type is not None:
             _choice("loss.type", self.type, LOSS_TYPES)
-        _positive("loss.k", self.k)
+        _choice("loss.estimator", self.estimator, ("sample", "local"))
+        _choice("loss.scope", self.scope, ("image", "batch", "running"))
+        if not 0 <= self.momentum < 1:
+            raise SegrewardError(f"loss.momentum must be in [0, 1), got {self.momentum}")
+        if self.k is not None:
+            _positive("loss.k", self.k)
+        _positive("loss.kl_weight", self.kl_weight, allow_zero=True)
         _positive("loss.temperature", self.temperature)
         _positive("loss.ce_weight", self.ce_weight, allow_zero=True)
 
 
-LOSS_TYPES = ("ce", "reinforce", "reward_weighted_ce")
+LOSS_TYPES = ("ce", "lovasz", "reinforce", "reward_weighted_ce")
 
 
 @dataclass
