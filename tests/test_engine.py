@@ -206,3 +206,69 @@ def test_class_weights_json_and_concat_data(tmp_path):
     cfg = tiny_config(tmp_path / "cw2", **{"loss.class_weight": str(tmp_path / "bad.json")})
     with pytest.raises(Exception, match="bad.json"):
         train(config_from_dict(cfg))
+
+
+# ----------------------------------------------------------------------------- in-memory data, lovasz, KL anchor
+def _memory_sets():
+    from segreward.data.memory import InMemoryDataset
+    from segreward.data.synthetic import SyntheticDataset
+    train_set = InMemoryDataset.decode(SyntheticDataset("day", n=16, seed=1, size=(32, 48)))
+    val = InMemoryDataset.decode(SyntheticDataset("dusk", n=6, seed=1, size=(32, 48), split="val"))
+    return train_set, val
+
+
+def test_in_memory_datasets_replace_the_config_data_and_get_the_augmentation(tmp_path, monkeypatch):
+    from segreward.data.memory import InMemoryDataset
+    train_set, val = _memory_sets()
+    x, y = train_set[3]
+    flipped = train_set.with_transform(lambda im, lb: (im[:, ::-1], lb[:, ::-1]))[3]
+    assert torch.equal(flipped[0], x.flip(-1)) and torch.equal(flipped[1], y.flip(-1))
+    seen = []
+    real = InMemoryDataset.with_transform
+    monkeypatch.setattr(InMemoryDataset, "with_transform", lambda self, t: seen.append(t) or real(self, t))
+    cfg = tiny_config(tmp_path / "mem", **{"loss.type": "lovasz", "train.iters": 2, "train.eval_every": 2,
+                                           "data.train": {"type": "synthetic", "n": 0}})  # would be empty: unused
+    result = train(config_from_dict(cfg), datasets={"train": train_set, "val": {"dusk": val}})
+    assert len(seen) == 1 and "RandomFlip" in repr(seen[0])
+    assert set(result["val"]) == {"dusk"} and result["classes"] == list(train_set.classes)
+    saved = yaml.safe_load((tmp_path / "mem" / "config.yaml").read_text())
+    assert saved["data"]["train"] == {"type": "given (InMemoryDataset)", "n": 16}
+    lines = [x for x in read_jsonl(tmp_path / "mem" / "vis_data" / "scalars.json") if "loss" in x]
+    assert "loss_lovasz" in lines[-1] and 0 < lines[-1]["loss_lovasz"] <= 1
+    with pytest.raises(Exception, match="unknown keys \\['test'\\]"):
+        train(config_from_dict(cfg), datasets={"test": val})
+
+
+def test_kl_to_reference_matches_torch_kl_div():
+    from segreward.engine.trainer import kl_to_reference
+    a, b = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    want = torch.nn.functional.kl_div(torch.log_softmax(a, 1), torch.log_softmax(b, 1), log_target=True,
+                                      reduction="none").sum(1).mean()
+    torch.testing.assert_close(kl_to_reference(a, b), want)
+    assert float(kl_to_reference(a, a)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_anchor_is_logged_and_a_resumed_run_keeps_its_reference(tmp_path):
+    from segreward.models import save_weights
+    train_set, val = _memory_sets()
+    data = {"train": train_set, "val": {"dusk": val}}
+    torch.manual_seed(0)
+    start = tmp_path / "start.safetensors"
+    save_weights(build_model("unet", 8, width=8, dropout=0.0), start)
+    common = {"model": {"name": "unet", "options": {"width": 8, "dropout": 0.0}, "checkpoint": str(start)},
+              "loss.kl_weight": 0.5, "optim": {"lr": 0.01, "schedule": "constant"}, "train.checkpoint_every": 2,
+              "train.eval_every": 4, "train.log_every": 1}
+    train(config_from_dict(tiny_config(tmp_path / "ref", **common, **{"train.iters": 4})), datasets=data)
+    lines = [x for x in read_jsonl(tmp_path / "ref" / "vis_data" / "scalars.json") if "loss" in x]
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
+    assert all(x["kl"] > 0 for x in lines[1:])
+    assert lines[-1]["loss"] == pytest.approx(lines[-1]["loss_ce"] + 0.5 * lines[-1]["kl"], rel=1e-5)
+
+    train(config_from_dict(tiny_config(tmp_path / "run", **common, **{"train.iters": 2})), datasets=data)
+    assert "reference" in torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    # Another file at model.checkpoint now: the resumed run must keep the reference it started with.
+    save_weights(build_model("unet", 8, width=8, dropout=0.0), start)
+    train(config_from_dict(tiny_config(tmp_path / "run", **common, **{"train.iters": 4})), resume=True, datasets=data)
+    a, b = weights(tmp_path / "ref" / "model.safetensors"), weights(tmp_path / "run" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -8,6 +8,9 @@ many GPUs under ``torchrun`` (DDP). A run is a directory::
     <work_dir>/checkpoints/last.pt       model, optimiser, scheduler, RNG states, step (atomic)
     <work_dir>/model.safetensors         final weights (+ model_meta.json)
     <work_dir>/vis_data/scalars.json     mmengine-format log (train and val lines)
+
+Datasets come from the config (``data.train``, ``data.val``) or, for code that decodes its data
+once and trains many times (a benchmark), from ``train(cfg, datasets={"train": ..., "val": ...})``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
@@ -91,7 +95,10 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, ignore_index:
     model.eval()
     metric = SegMetric(num_classes, ignore_index)
     indices = list(range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+    # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and then how often
+    # a run evaluates would change the random numbers (augmentation, samples) of its training.
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        generator=torch.Generator())
     for x, y in loader:
         x, y = x.to(info.device), y.to(info.device)
         with _autocast(info.device, amp):
@@ -107,6 +114,13 @@ def pseudo_labels(teacher: nn.Module, x: torch.Tensor, size, threshold: float, i
     logits = resize_logits(teacher(x).float(), size)
     conf, label = torch.softmax(logits, dim=1).max(dim=1)
     return torch.where(conf >= threshold, label, torch.full_like(label, ignore_index))
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || current) per pixel, averaged over pixels (labelled or not): the trust
+    region of ``loss.kl_weight`` around the starting model. ``sum_c p_ref (log p_ref - log p)``."""
+    ref = F.log_softmax(ref_logits.float(), dim=1)
+    return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=1))).sum(1).mean()
 
 
 @torch.no_grad()
@@ -129,16 +143,58 @@ def _load_start_weights(model: nn.Module, path: str, num_classes: int) -> None:
     load_weights(model, path)
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run one stage; returns ``{"work_dir", "step", "val": {name: scores}}``."""
+def train(cfg: Config, resume: bool = False, datasets: dict | None = None) -> dict:
+    """Run one stage; returns ``{"work_dir", "step", "val": {name: scores}, "num_classes", "classes"}``.
+
+    ``datasets``: ``{"train": Dataset, "val": {name: Dataset}}``, either part optional; a given
+    part replaces ``cfg.data.train`` / ``cfg.data.val``. A training set that has
+    ``with_transform`` (:class:`~segreward.data.memory.InMemoryDataset`) gets the trainer's
+    augmentation (``train.augment``); any other dataset is used as it is. Under DDP every rank
+    passes its own (equal) datasets; ``resume=True`` needs the same datasets again.
+    """
     info = D.setup(cfg.train.device)
     try:
-        return _train(cfg, resume, info)
+        return _train(cfg, resume, info, datasets)
     finally:
         D.teardown()
 
 
-def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
+def _build_datasets(cfg: Config, given: dict | None) -> tuple[Dataset, dict]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - {"train", "val"})
+    if unknown:
+        raise SegrewardError(f"train(datasets=...): unknown keys {unknown}; give 'train' and/or 'val'")
+    transform = build_transform(cfg)
+    train_set = given.get("train")
+    if train_set is None:
+        train_set = build_data(cfg.data.train, transform)
+    elif transform is not None and hasattr(train_set, "with_transform"):
+        train_set = train_set.with_transform(transform)
+    val = given.get("val")
+    if val is None:
+        val_sets = {name: build_data(spec) for name, spec in cfg.data.val.items()}
+    elif isinstance(val, dict):
+        val_sets = dict(val)
+    else:
+        raise SegrewardError(f"train(datasets=...): 'val' must map names to datasets, got {type(val).__name__}")
+    if len(train_set) == 0:
+        raise SegrewardError("the training dataset is empty")
+    return train_set, val_sets
+
+
+def _snapshot(cfg: Config, given: dict | None) -> dict:
+    """The config as written to config.yaml and checkpoints; datasets passed to train() are
+    recorded by type and size (they have no spec to rebuild them from)."""
+    out = cfg.to_dict()
+    given = given or {}
+    if given.get("train") is not None:
+        out["data"]["train"] = {"type": f"given ({type(given['train']).__name__})", "n": len(given["train"])}
+    if given.get("val") is not None:
+        out["data"]["val"] = {k: {"type": f"given ({type(v).__name__})", "n": len(v)} for k, v in given["val"].items()}
+    return out
+
+
+def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = None) -> dict:
     tc = cfg.train
     if tc.amp == "fp16" and info.device.type != "cuda":
         raise SegrewardError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
@@ -150,8 +206,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
 
     # --- data, model, loss ---
     torch.manual_seed(cfg.seed)
-    train_set = build_data(cfg.data.train, build_transform(cfg))
-    val_sets = {name: build_data(spec) for name, spec in cfg.data.val.items()}
+    train_set, val_sets = _build_datasets(cfg, datasets)
+    snapshot = _snapshot(cfg, datasets)
     num_classes, ignore_index, classes = dataset_info(train_set)
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
         raise SegrewardError(f"model.num_classes={cfg.model.num_classes} but the training data has {num_classes} classes")
@@ -160,6 +216,9 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
     if cfg.model.checkpoint:
         _load_start_weights(model, cfg.model.checkpoint, num_classes)
     model.to(info.device)
+    # The starting model, frozen: the anchor of loss.kl_weight. Copied before a resume loads the
+    # run's weights; the checkpoint keeps it too, so a resumed run uses the very same anchor.
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.kl_weight > 0 else None
     loss_fn, loss_name = build_loss(cfg, num_classes, ignore_index)
     loss_fn.to(info.device)
     net = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None) if info.enabled else model
@@ -176,6 +235,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if "loss" in state:
             loss_fn.load_state_dict(state["loss"], strict=False)
+        if reference is not None and "reference" in state:
+            reference.load_state_dict(state["reference"])
         start = int(state["step"])
         set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
     else:
@@ -193,7 +254,7 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
     writer = None
     if info.is_main:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (work / "config.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
         from segreward.runlog import RunWriter
         writer = RunWriter(work, tensorboard=tc.tensorboard)
 
@@ -212,8 +273,9 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
         if info.is_main:
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "step": step,
-                         "rng": states, "config": cfg.to_dict(),
+                         "rng": states, "config": snapshot,
                          **({"teacher": teacher.state_dict()} if teacher is not None else {}),
+                         **({"reference": reference.state_dict()} if reference is not None else {}),
                          "meta": {"num_classes": num_classes, "classes": classes}}, ckpt_path)
 
     eval_batch = max(1, tc.batch_size // info.world_size)
@@ -238,6 +300,7 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
     model.train()
     for step in range(start, tc.iters):
         total = torch.zeros((), device=info.device)
+        base_total, kl_total = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
         for micro in range(tc.accumulate):
             t0 = time.perf_counter()
             x, y = next(batches)
@@ -251,7 +314,15 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
             with sync:
                 with _autocast(info.device, tc.amp):
                     logits = net(x)
-                loss = loss_fn(logits.float(), y) / tc.accumulate
+                loss = loss_fn(logits.float(), y)
+                base_total += loss.detach() / tc.accumulate
+                if reference is not None:
+                    with torch.no_grad(), _autocast(info.device, tc.amp):
+                        ref_logits = reference(x)
+                    kl = kl_to_reference(logits, ref_logits)
+                    kl_total += kl.detach() / tc.accumulate
+                    loss = loss + cfg.loss.kl_weight * kl
+                loss = loss / tc.accumulate
                 scaler.scale(loss).backward()
             total += loss.detach()
         if D.broadcast_flag(not bool(torch.isfinite(total)), info):
@@ -277,8 +348,10 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo) -> dict:
         if writer is not None and (done % tc.log_every == 0 or done == tc.iters):
             now = time.perf_counter()
             n_iters = done - last_logged
-            line = {"lr": lr, "data_time": data_time / n_iters, "loss": float(total), loss_name: float(total)}
+            line = {"lr": lr, "data_time": data_time / n_iters, "loss": float(total), loss_name: float(base_total)}
             line.update(getattr(loss_fn, "diagnostics", {}))
+            if reference is not None:
+                line["kl"] = float(kl_total)
             if teacher is not None:
                 line["pseudo_fraction"] = float((y != ignore_index).float().mean())
             line["time"] = (now - t_last) / n_iters
