@@ -272,6 +272,26 @@ def test_rwce_loss_in_a_decode_head_backpropagates():
     assert "train/rwce.weight_std" in MessageHub.get_current_instance().log_scalars
 
 
+def test_local_estimator_batch_scope_in_a_decode_head():
+    from mmengine.logging import MessageHub
+
+    model = _tiny_model(NUM_CLASSES)
+    model.decode_head.loss_decode = _build_model(dict(
+        type="ReinforceLoss", num_classes=NUM_CLASSES, estimator="local", scope="running", momentum=0.9,
+        ce_weight=0.5, loss_name="loss_local"))
+    model.train()
+    inputs, samples = _batch()
+    losses = model(inputs, samples, mode="loss")
+    total, _ = model.parse_losses(losses)
+    total.backward()
+    assert model.decode_head.conv_seg.weight.grad.abs().sum() > 0
+    scalars = MessageHub.get_current_instance().log_scalars
+    assert {"train/local.credit_abs", "train/local.credit_label_pos", "train/local.reward_mean"} <= set(scalars)
+    # the running counts are a buffer of the model, so mmengine's checkpoints carry them
+    state = model.state_dict()
+    assert float(state["decode_head.loss_decode.running_counts"].sum()) > 0
+
+
 def test_missing_extra_is_a_clear_error(monkeypatch):
     from segreward.errors import SegrewardError
 

@@ -12,7 +12,9 @@ the objective. The math is in :mod:`segreward.reinforce`.
 
 Distributed training: the losses have no parameters, every rank runs the same code path,
 and the diagnostics are written to the rank's own ``MessageHub`` (rank 0's is the one saved),
-so DDP needs neither ``find_unused_parameters`` nor any collective from here.
+so DDP needs no ``find_unused_parameters``. With ``scope='batch'`` or ``'running'`` the core loss
+all-reduces the C x 3 class counts of each sample (every rank calls the loss once per
+iteration, so the collectives match), and each rank's credit refers to the global batch.
 """
 
 from __future__ import annotations
@@ -91,23 +93,30 @@ class ReinforceLoss(_MMSegLoss, _core.ReinforceLoss):
     """:class:`segreward.reinforce.ReinforceLoss` as an mmseg loss.
 
     Arguments as the core loss (``num_classes``, ``reward``, ``sampler``, ``k``, ``baseline``,
-    ``temperature``, ``normalize``, ``ce_weight``, ``ignore_index``, ``class_weight``, ...) plus
+    ``temperature``, ``normalize``, ``ce_weight``, ``ignore_index``, ``class_weight``, ``estimator``
+    (``'sample'`` | ``'local'``: exact per-pixel credit), ``scope`` (``'image'`` | ``'batch'`` |
+    ``'running'``), ``momentum`` (running scope), ...) plus
     ``loss_weight`` (scales the loss), ``loss_name`` (default ``loss_reinforce``; logged as
     ``decode.loss_reinforce``) and ``log_prefix`` (default: ``loss_name`` without ``loss_``;
     diagnostics are logged as ``<log_prefix>.reward_mean``, ``.reward_std``, ``.adv_std``,
-    ``.greedy_reward``, ``.entropy``).
+    ``.greedy_reward``, ``.entropy``; the local estimator logs ``.credit_abs`` and
+    ``.credit_label_pos`` instead of ``.adv_std``).
     """
 
     _type_name = "ReinforceLoss"
 
-    def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int = 4, baseline: str = "loo",
-                 temperature: float = 1.0, normalize: bool = False, ce_weight: float = 0.0, ignore_index: int = 255,
-                 class_weight=None, ema_momentum: float = 0.9, block: int = 16, reward_kwargs: dict | None = None,
-                 loss_weight: float = 1.0, loss_name: str = "loss_reinforce", log_prefix: str | None = None):
+    def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int | None = None,
+                 baseline: str = "loo", temperature: float = 1.0, normalize: bool = False, ce_weight: float = 0.0,
+                 ignore_index: int = 255, class_weight=None, ema_momentum: float = 0.9, block: int = 16,
+                 fraction: float = 0.05, reward_kwargs: dict | None = None, estimator: str = "sample",
+                 scope: str = "image", momentum: float = 0.9, sync: bool = True, loss_weight: float = 1.0,
+                 loss_name: str = "loss_reinforce", log_prefix: str | None = None):
         _core.ReinforceLoss.__init__(self, num_classes, reward=reward, sampler=sampler, k=k, baseline=baseline,
                                      temperature=temperature, normalize=normalize, ce_weight=ce_weight,
                                      ignore_index=ignore_index, class_weight=class_weight,
-                                     ema_momentum=ema_momentum, block=block, reward_kwargs=reward_kwargs)
+                                     ema_momentum=ema_momentum, block=block, fraction=fraction,
+                                     reward_kwargs=reward_kwargs, estimator=estimator, scope=scope,
+                                     momentum=momentum, sync=sync)
         self._init_mmseg(loss_weight, loss_name, log_prefix)
 
     def extra_repr(self) -> str:
