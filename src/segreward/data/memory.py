@@ -53,8 +53,12 @@ class InMemoryDataset(Dataset):
     @classmethod
     def decode(cls, dataset, transform: Callable | None = None, progress: bool = False) -> "InMemoryDataset":
         """Read every item of ``dataset`` once (its own transform, if any, applies once too)."""
-        from segreward.engine.builders import dataset_info
-        _, ignore_index, classes = dataset_info(dataset)
+        meta = getattr(dataset, "meta", None)
+        classes = list(getattr(meta, "classes", None) or getattr(dataset, "classes", None) or [])
+        if not classes:
+            raise SegrewardError(f"InMemoryDataset.decode: {type(dataset).__name__} has no class names "
+                                 "(.meta.classes or .classes); build InMemoryDataset(images, labels, classes) directly")
+        ignore_index = int(getattr(meta, "ignore_index", getattr(dataset, "ignore_index", 255)))
         items = [dataset[i] for i in tqdm(range(len(dataset)), desc="decode", leave=False, disable=not progress)]
         images = torch.stack([x for x, _ in items])
         labels = torch.stack([y for _, y in items])
