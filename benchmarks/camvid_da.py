@@ -369,7 +369,8 @@ def markdown(result: dict) -> str:
         others = sorted((r for r in trained if r["method"] not in named), key=lambda r: -r["target_mean"])
         show = list(dict.fromkeys(named + [r["method"] for r in others[:1]]))
         if show:
-            lines += ["", f"Per-class target IoU (mean over seeds){'; best other method: ' + others[0]['method'] if others else ''}:",
+            best = f"; best other method: {others[0]['method']}" if others else ""
+            lines += ["", f"Per-class target IoU (mean over seeds){best}:",
                       "", "| method | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
             for m in show:
                 ious = np.mean([r["target_IoU"] for r in result["runs"] if r["protocol"] == p and r["method"] == m], 0)
