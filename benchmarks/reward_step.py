@@ -14,8 +14,13 @@ Three measurements, side by side in one run, written to benchmarks/results/rewar
    * ``reinforce_k4``  -- :class:`segreward.ReinforceLoss`, categorical sampler, K=4, loo baseline,
    * ``reinforce_k16`` -- the same with K=16,
    * ``coherent_k4``   -- the coherent (region) sampler, K=4,
+   * ``local_image``   -- ``estimator="local"``, K=1: exact per-pixel credit of per-image mIoU,
+   * ``local_batch``   -- the same with ``scope="batch"`` (mIoU of the batch's summed counts),
 
-   and each one's ratio to the CE step (goal: ``reinforce_k4`` <= 1.10x on CPU). Each variant has
+   and each one's ratio to the CE step (goals: ``reinforce_k4`` <= 1.10x, ``local_*`` <= 1.20x
+   on CPU). Peak memory of one step per variant is reported next to CE: on CUDA
+   ``max_memory_allocated`` (and its rise over the memory held before the step); on CPU the
+   peak of the profiler's memory timeline of the step (tensors the step touches or creates). Each variant has
    its own copy of the model and optimizer (same initial weights). After ``--warmup`` untimed
    rounds, ``--reps`` rounds run the variants in a shuffled order each round (interleaved, so a
    burst of load from other processes hits all of them alike) and the median is reported. The
@@ -97,7 +102,11 @@ def build_variants(args, device):
         "reinforce_k4": ReinforceLoss(args.classes, k=4, ignore_index=args.ignore_index),
         "reinforce_k16": ReinforceLoss(args.classes, k=16, ignore_index=args.ignore_index),
         "coherent_k4": ReinforceLoss(args.classes, k=4, sampler="coherent", ignore_index=args.ignore_index),
+        "local_image": ReinforceLoss(args.classes, estimator="local", scope="image", ignore_index=args.ignore_index),
+        "local_batch": ReinforceLoss(args.classes, estimator="local", scope="batch", ignore_index=args.ignore_index),
     }
+    if args.only:
+        losses = {k: v for k, v in losses.items() if k in args.only}
     if args.skip:
         losses = {k: v for k, v in losses.items() if k not in args.skip or k == "ce"}
     variants = {}
@@ -169,6 +178,19 @@ def bench_steps(args, device) -> dict:
             if rep >= args.warmup:
                 step_t[n].append(t)
                 loss_t[n].append(tl)
+    memory = {}
+    if device.type == "cuda":
+        for n in names:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            train_step(variants[n], x, y, args, device)
+            memory[n] = {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                         "step_mb": (torch.cuda.max_memory_allocated(device) - base) / 2**20}
+    elif args.memory:
+        for n in names:
+            peak = cpu_peak_mb(lambda: train_step(variants[n], x, y, args, device))
+            memory[n] = {"peak_mb": peak, "step_mb": peak}
     ce = statistics.median(step_t["ce"])
     ce_loss_t = statistics.median(loss_t["ce"])
     rows = {}
@@ -182,8 +204,28 @@ def bench_steps(args, device) -> dict:
             "images_per_s": b / med,
             "loss_only_ms": 1000 * statistics.median(loss_t[n]),
             "loss_overhead_over_ce_ms": 1000 * (statistics.median(loss_t[n]) - ce_loss_t),
+            **({"memory": memory[n], "memory_ratio_to_ce": memory[n]["step_mb"] / max(memory["ce"]["step_mb"], 1e-9)}
+               if n in memory and "ce" in memory else {}),
         }
     return {"params": n_params, "output_stride": stride, "rows": rows}
+
+
+def cpu_peak_mb(fn) -> float:
+    """Peak memory (MB) of the tensors alive while ``fn()`` runs, from the profiler's memory
+    timeline (CPU has no allocator statistics like CUDA's ``max_memory_allocated``)."""
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return max(sum(row) for row in sizes) / 2**20
 
 
 # --------------------------------------------------------------------------- 2. reward throughput
@@ -273,6 +315,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7, help="timed interleaved rounds of the step variants")
     p.add_argument("--skip", nargs="*", default=[], help="step variants to leave out (reinforce_k16, coherent_k4, ...)")
+    p.add_argument("--only", nargs="*", default=[], help="step variants to run (ce is always kept)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the CPU peak-memory measurement")
     p.add_argument("--reward-batch", type=int, default=64)
     p.add_argument("--reward-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: --size")
     p.add_argument("--reward-reps", type=int, default=5)
@@ -282,6 +326,8 @@ def main(argv=None) -> dict:
     args.reward_size = args.reward_size or args.size
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only:
+        args.only = list(dict.fromkeys(["ce", *args.only]))
     device = torch.device(args.device)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -293,11 +339,16 @@ def main(argv=None) -> dict:
     print(f"\nTraining step: {args.model}{'-' + args.variant if args.model == 'segformer' else ''} "
           f"({steps['params'] / 1e6:.2f} M params), batch {args.batch} at {h}x{w}, {args.classes} classes, "
           f"{device}, amp {args.amp}, {torch.get_num_threads()} threads; median of {args.reps} interleaved rounds")
-    print(f"{'variant':<15}{'step ms':>9}{'min':>8}{'max':>8}{'x CE':>7}{'img/s':>8}{'loss ms':>9}{'+loss ms':>9}")
+    print(f"{'variant':<15}{'step ms':>9}{'min':>8}{'max':>8}{'x CE':>7}{'img/s':>8}{'loss ms':>9}{'+loss ms':>9}"
+          f"{'peak MB':>9}{'step MB':>9}{'x CE':>7}")
     for n, r in steps["rows"].items():
+        mem = r.get("memory")
+        mem_s = f"{mem['peak_mb']:9.0f}{mem['step_mb']:9.0f}{r['memory_ratio_to_ce']:7.2f}" if mem else ""
         print(f"{n:<15}{r['step_ms']:9.1f}{r['step_ms_min']:8.1f}{r['step_ms_max']:8.1f}{r['ratio_to_ce']:7.2f}"
-              f"{r['images_per_s']:8.1f}{r['loss_only_ms']:9.1f}{r['loss_overhead_over_ce_ms']:9.1f}")
-    print("  (loss ms: the loss alone, forward + backward into the logits; +loss ms: over the CE loss)")
+              f"{r['images_per_s']:8.1f}{r['loss_only_ms']:9.1f}{r['loss_overhead_over_ce_ms']:9.1f}{mem_s}")
+    print("  (loss ms: the loss alone, forward + backward into the logits; +loss ms: over the CE loss;")
+    print("   peak MB: peak memory of a step (CPU: profiler memory timeline; CUDA: max_memory_allocated);"
+          " step MB: above what was held before it)")
     print(f"\nSampling K={sampling['k']} from logits {tuple(sampling['shape'])} (no log-prob), median ms")
     for n, r in sampling["rows"].items():
         print(f"{n:<24}{r['ms']:9.2f}{r['ratio_to_ours']:7.2f}x")
@@ -310,6 +361,8 @@ def main(argv=None) -> dict:
     load1 = os.getloadavg() if hasattr(os, "getloadavg") else None
     goals = {"reinforce_k4_at_most_1.10x_ce": steps["rows"]["reinforce_k4"]["ratio_to_ce"] <= 1.10
              if "reinforce_k4" in steps["rows"] else None,
+             **{f"{n}_at_most_1.20x_ce": steps["rows"][n]["ratio_to_ce"] <= 1.20
+                for n in ("local_image", "local_batch") if n in steps["rows"]},
              "reward_speedup_at_least_20x": rewards["speedup"] >= 20 if rewards else None}
     print(f"\nGoals: {goals}; load average {load0} -> {load1} on {os.cpu_count()} CPUs "
           "(shared machine: figures are noisy)")

@@ -28,13 +28,14 @@ def _run(rank: int, world: int, logits, target, samples, scope: str):
     part = slice(rank * B // world, (rank + 1) * B // world)
     logits = logits[part].clone().requires_grad_(True)
     target, samples = target[part], samples[:, part]
-    draw = reinforce._draw
-    reinforce._draw = lambda logp, k, generator: samples  # the same sample in both layouts
+    draw = reinforce.draw_from_probs
+    # the same sample in both layouts
+    reinforce.draw_from_probs = lambda p, k, generator, with_argmax: (samples, p.argmax(1))
     try:
         loss_fn = ReinforceLoss(C, estimator="local", scope=scope, ignore_index=IGN)
         loss_fn(logits, target).backward()
     finally:
-        reinforce._draw = draw
+        reinforce.draw_from_probs = draw
     # DDP averages parameter gradients over ranks, i.e. each rank's logits gradient counts 1/world.
     grad = logits.grad.clone() / world
     cnt = loss_fn._batch_counts(samples, target)[0]

@@ -160,48 +160,54 @@ def reward_from_counts(form: CountReward, i: torch.Tensor, p: torch.Tensor, l: t
     return total / weight
 
 
-def _part_credit(terms: Callable, i, p, l, sample, target, group, dtype):
-    """Credit ``[B, C, H, W]`` of one ratio ``sum a / sum b``.
+def _part_credit(terms: Callable, i, p, l, sample, target, valid, group, dtype):
+    """Credit ``[B, C, H, W]`` of one ratio ``R = Num / Den`` (``sum a / sum b``).
 
-    ``i, p, l``: float counts ``[G, C]`` of the groups; ``group``: ``[B]`` long, the group of each
-    image; ``sample``/``target``: ``[B, H, W]`` long (target clamped to a class where invalid).
+    ``i, p, l``: float64 counts ``[G, C]`` of the groups; ``group``: ``[B]`` long, the group of
+    each image; ``sample``/``target``: ``[B, H, W]`` long (target clamped to a class where ignored).
+    With ``dA``/``dB`` the changes of ``Num``/``Den`` caused by one pixel's move,
+
+        R' - R = (Num + dA) / (Den + dB) - Num / Den = (dA - R dB) / (Den + dB),
+
+    which never subtracts two nearly equal rewards (float32 keeps the credit's own precision).
     """
     a0, b0 = terms(i, p, l)
     num, den = a0.sum(-1), b0.sum(-1)  # [G]
+    r0 = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
     one = torch.ones_like(i)
-    # Per-class changes of the terms for a pixel moving in / out of class k, label hit or miss.
-    in_miss = [x - y for x, y in zip(terms(i, p + one, l), (a0, b0))]
-    in_hit = [x - y for x, y in zip(terms(i + one, p + one, l), (a0, b0))]
-    out_miss = [x - y for x, y in zip(terms(i, (p - one).clamp_min(0), l), (a0, b0))]
-    out_hit = [x - y for x, y in zip(terms((i - one).clamp_min(0), (p - one).clamp_min(0), l), (a0, b0))]
 
-    # The tables are exact in float64; the [B, C, H, W] work runs in the requested dtype.
-    num, den = num.to(dtype), den.to(dtype)
-    in_miss, in_hit, out_miss, out_hit = ([x.to(dtype) for x in t] for t in (in_miss, in_hit, out_miss, out_hit))
+    def change(ii, pp):  # (dA - R dB, dB) per class, for a pixel entering/leaving with these counts
+        a, b = terms(ii, pp.clamp_min(0), l)
+        db = b - b0
+        return ((a - a0) - r0.unsqueeze(-1) * db).to(dtype), db.to(dtype)
+
+    in_miss, in_hit = change(i, p + one), change(i + one, p + one)
+    out_miss, out_hit = change(i, p - one), change((i - one).clamp_min(0), p - one)
+
     bsz, h, w = sample.shape
     c = i.shape[-1]
     hit = sample == target
-    out = []
-    for k in range(2):  # numerator (a), denominator (b)
-        # Leaving the sampled class s: one value per pixel.
-        o_miss = out_miss[k][group].gather(1, sample.flatten(1)).view(bsz, h, w)
-        o_hit = out_hit[k][group].gather(1, sample.flatten(1)).view(bsz, h, w)
-        d_out = torch.where(hit, o_hit, o_miss)
-        # Entering class c: the miss value everywhere, the hit value at c == label.
-        d = in_miss[k][group].view(bsz, c, 1, 1).expand(bsz, c, h, w).clone()
-        t_hit = in_hit[k][group].gather(1, target.flatten(1)).view(bsz, 1, h, w)
-        d.scatter_(1, target.unsqueeze(1), t_hit)
-        d.add_(d_out.unsqueeze(1))
-        out.append(d)
-    d_num, d_den = out
-    num_g, den_g = num[group].view(bsz, 1, 1, 1), den[group].view(bsz, 1, 1, 1)
-    new_den = den_g + d_den
-    # R' - R = (Num + dA) / (Den + dB) - Num / Den, written without cancelling large terms.
-    safe_den = den_g.where(den_g > 0, torch.ones_like(den_g))
-    r0 = torch.where(den_g > 0, num_g / safe_den, torch.zeros_like(num_g))
-    safe_new = new_den.where(new_den > 0, torch.ones_like(new_den))
-    credit = torch.where(den_g > 0, (d_num * den_g - num_g * d_den) / (safe_den * safe_new), (num_g + d_num) / safe_new)
-    credit = torch.where(new_den > 0, credit, -r0)
+    flat = (group.view(bsz, 1, 1) * c + sample).flatten()
+
+    def per_pixel(miss_t, hit_t):  # table value of each pixel's sampled class, hit or miss
+        return torch.where(hit.flatten(), hit_t.flatten().index_select(0, flat),
+                           miss_t.flatten().index_select(0, flat)).view(bsz, 1, h, w)
+
+    # Leaving the sampled class: x = dA_out - R dB_out, y = Den + dB_out, one value per pixel.
+    x = per_pixel(out_miss[0], out_hit[0])
+    y = per_pixel(out_miss[1], out_hit[1]).add_(den.to(dtype)[group].view(bsz, 1, 1, 1))
+    # Ignored pixels are in no count and get no credit: x = 0, y = inf makes every entry 0 below
+    # (the alternatives' changes are finite) without a pass over [B, C, H, W].
+    invalid = ~valid.unsqueeze(1)
+    x.masked_fill_(invalid, 0.0)
+    y.masked_fill_(invalid, float("inf"))
+    # Entering class c (label miss): three broadcast passes over [B, C, H, W].
+    credit = (x + in_miss[0][group].view(bsz, c, 1, 1)).div_(y + in_miss[1][group].view(bsz, c, 1, 1))
+    # Entering the label class (hit): one value per pixel, written over the miss value.
+    t_flat = (group.view(bsz, 1, 1) * c + target).flatten()
+    hit_num = x + in_hit[0].flatten().index_select(0, t_flat).view(bsz, 1, h, w)
+    hit_den = y + in_hit[1].flatten().index_select(0, t_flat).view(bsz, 1, h, w)
+    credit.scatter_(1, target.unsqueeze(1), hit_num.div_(hit_den))
     return credit
 
 
@@ -223,12 +229,11 @@ def credit_table(form: CountReward, sample: torch.Tensor, target: torch.Tensor, 
     sample = sample.long()
     gc = group_counts.to(torch.float64)
     i, p, l = gc[..., 0], gc[..., 1], gc[..., 2]
-    total = None
-    weight = 0.0
+    credit = None
+    weight = sum(w for _, w in form.parts)
     for terms, w in form.parts:
-        part = _part_credit(terms, i, p, l, sample, target, group, dtype)
-        total = part.mul_(w) if total is None else total.add_(part, alpha=w)
-        weight += w
-    credit = total.div_(weight)
-    credit.scatter_(1, sample.unsqueeze(1), 0.0)
-    return credit.mul_(valid.unsqueeze(1).to(dtype))
+        part = _part_credit(terms, i, p, l, sample, target, valid, group, dtype)
+        if len(form.parts) > 1:
+            part.mul_(w / weight)
+        credit = part if credit is None else credit.add_(part)
+    return credit.scatter_(1, sample.unsqueeze(1), 0.0)

@@ -29,12 +29,18 @@ from segreward.credit import SCOPES, count_form, counts, credit_table, reward_fr
 from segreward.errors import SegrewardError
 from segreward.metrics import check_labels
 from segreward.rewards import REWARDS, get_reward, miou
-from segreward.sampling import CategoricalSampler, _draw, get_sampler
+from segreward.sampling import CategoricalSampler, draw_from_probs, get_sampler
 
 __all__ = ["BASELINES", "ESTIMATORS", "compute_advantages", "local_surrogate", "ReinforceLoss", "RewardWeightedCELoss"]
 
 BASELINES = ("loo", "greedy", "mean", "ema", "none")
 ESTIMATORS = ("sample", "local")
+
+
+def _entropy(p: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean per-pixel entropy (nats) of the policy over labelled pixels."""
+    ent = (p * logp).sum(1).neg_()
+    return float((ent * mask).sum() / mask.sum().clamp_min(1))
 
 
 def _world_size() -> int:
@@ -48,25 +54,37 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def local_surrogate(probs: torch.Tensor, samples: torch.Tensor, target: torch.Tensor, form, group_counts: torch.Tensor,
-                    ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor, form, group_counts: torch.Tensor,
+                    ignore_index: int = 255, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The local-expectation surrogate ``-sum_i sum_c p_i(c) * credit_i(c)``, averaged over samples.
 
-    ``probs`` ``[B, C, H, W]`` (carries the gradient), ``samples`` ``[K, B, H, W]``, ``group_counts``
+    ``z`` ``[B, C, H, W]``: logits divided by the temperature (carries the gradient);
+    ``probs = softmax(z)`` if already computed; ``samples`` ``[K, B, H, W]``; ``group_counts``
     ``[K, G, C, 3]``: the counts each reward is computed over (``G = B``: per image; ``G = 1``: the
     batch, possibly all-reduced and with a running part). Returns ``(loss_per_group [G], credit)``
-    with the credit averaged over the K samples. Its gradient is exactly ``grad E[R]`` per group
-    in expectation over the samples (see :mod:`segreward.credit`).
+    with the credit averaged over the K samples. In expectation over the samples, the gradient
+    of ``-loss_per_group`` is exactly ``grad E[R]`` of each group (see :mod:`segreward.credit`).
+
+    The gradient is applied in closed form: ``d/dz_c sum_c' p_c' credit_c' = p_c (credit_c -
+    sum_c' p_c' credit_c')``, so autograd keeps one ``[B, C, H, W]`` tensor and never runs the
+    softmax backward; the returned value is the surrogate itself.
     """
     k, bsz = samples.shape[:2]
     g = group_counts.shape[1]
-    group = torch.arange(bsz, device=probs.device) if g == bsz else torch.zeros(bsz, dtype=torch.long, device=probs.device)
+    group = torch.arange(bsz, device=z.device) if g == bsz else torch.zeros(bsz, dtype=torch.long, device=z.device)
     with torch.no_grad():
-        credit = torch.zeros_like(probs)
-        for j in range(k):  # one [B, C, H, W] buffer whatever K is
-            credit.add_(credit_table(form, samples[j], target, group_counts[j], group, ignore_index, probs.dtype))
-        credit.div_(k)
-    per_image = -(probs * credit).flatten(1).sum(1)  # [B]
+        p = F.softmax(z, dim=1) if probs is None else probs
+        credit = credit_table(form, samples[0], target, group_counts[0], group, ignore_index, p.dtype)
+        for j in range(1, k):  # one [B, C, H, W] buffer whatever K is
+            credit.add_(credit_table(form, samples[j], target, group_counts[j], group, ignore_index, p.dtype))
+        if k > 1:
+            credit.div_(k)
+        weighted = p * credit
+        expected = weighted.sum(1, keepdim=True)  # E_c[credit] per pixel
+        value = -expected.flatten(1).sum(1)  # [B]
+        direction = weighted.sub_(p * expected)  # d(sum_c p_c credit_c) / dz
+    moved = (z * direction).flatten(1).sum(1)
+    per_image = value - (moved - moved.detach())  # value of the surrogate, gradient -direction
     per_group = torch.zeros(g, dtype=per_image.dtype, device=per_image.device).index_add(0, group, per_image)
     return per_group, credit
 
@@ -269,24 +287,28 @@ class ReinforceLoss(nn.Module):
             loss = self._local(logits, target, mask)
         else:
             loss = self._sampled(logits, target, mask)
+            with torch.no_grad():
+                logp = F.log_softmax(logits.float() / self.temperature, dim=1)
+                self.diagnostics["entropy"] = _entropy(logp.exp(), logp, mask)
         if self.ce_weight > 0:
             cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
             loss = loss + self.ce_weight * F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index)
-        with torch.no_grad():
-            logp = F.log_softmax(logits.float() / self.temperature, dim=1)
-            ent = -(logp.exp() * logp).sum(1)
-            self.diagnostics["entropy"] = float((ent * mask).sum() / mask.sum().clamp_min(1))
         return loss
 
     def _local(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logp = F.log_softmax(logits.to(dtype) / self.temperature, dim=1)
-        samples = _draw(logp.detach(), self.k, self.sampler.generator)  # [K, B, H, W]
+        z = (logits if logits.dtype == torch.float64 else logits.float()) / self.temperature
         with torch.no_grad():
-            greedy = self._rewards(logits.max(1).indices.unsqueeze(0), target)  # before the running update
+            # softmax by hand, to keep log-sum-exp for the entropy: lse = max + log(sum exp(z - max))
+            top = z.amax(1, keepdim=True)
+            p = (z - top).exp_()
+            total = p.sum(1, keepdim=True)
+            p.div_(total)
+            lse = total.log_().add_(top)[:, 0]
+            samples, argmax = draw_from_probs(p, self.k, self.sampler.generator, with_argmax=True)  # [K, B, H, W]
+            greedy = self._rewards(argmax.unsqueeze(0), target)  # before the running update
             cnt = self._with_running(self._batch_counts(samples, target))
             rewards = reward_from_counts(self.form, cnt[..., 0], cnt[..., 1], cnt[..., 2])  # [K, G]
-        per_group, credit = local_surrogate(logp.exp(), samples, target, self.form, cnt, self.ignore_index)
+        per_group, credit = local_surrogate(z, samples, target, self.form, cnt, self.ignore_index, probs=p)
         if self.scope == "image":
             loss = per_group.mean()  # gradient of the mean per-image expected reward
         else:
@@ -300,11 +322,13 @@ class ReinforceLoss(nn.Module):
                 "reward_std": float(rewards.std(0).mean()) if self.k > 1 else 0.0,
                 "greedy_reward": float(greedy.mean()),
                 # mean |R(y_i := c) - R(y)| over labelled pixels and the C - 1 alternatives
-                "credit_abs": float(credit.abs().sum() / (n * max(1, self.num_classes - 1))),
+                "credit_abs": float(torch.linalg.vector_norm(credit, 1) / (n * max(1, self.num_classes - 1))),
                 # share of labelled pixels where switching to the label class would raise the reward
                 "credit_label_pos": float(((label_credit > 0) & mask).sum() / n),
+                # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
+                "entropy": float(((lse - (p * z).sum(1)) * mask).sum() / n),
             }
-        return loss.to(logits.dtype) if logits.dtype == torch.float64 else loss
+        return loss
 
     def _sampled(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         samples, log_prob = self.sampler(logits, self.k, mask)  # [K, B, H, W], [K, B]

@@ -55,12 +55,39 @@ def _cdf_last(logp: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _draw(logp: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """K independent per-pixel categorical draws ``[K, B, H, W]`` by inverse CDF: one uniform
-    number per pixel and sample, located with ``searchsorted``."""
-    b, c, h, w = logp.shape
-    cdf = _cdf_last(logp).contiguous()
-    u = torch.rand(b, h, w, k, device=logp.device, generator=generator)
-    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=c - 1)  # [B, H, W, K]
-    return idx.permute(3, 0, 1, 2).contiguous()
+    number per pixel and sample."""
+    return draw_from_probs(logp.exp(), k, generator)[0]
+
+
+@torch.no_grad()
+def draw_from_probs(p: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                    with_argmax: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse-CDF draws ``[K, B, H, W]`` from probabilities ``p`` ``[B, C, H, W]``, and (optionally)
+    the argmax ``[B, H, W]`` (first maximum) from the same pass.
+
+    Sample ``k`` of a pixel is the number of classes ``c < C-1`` whose cumulative probability
+    ``p_0 + ... + p_c`` is ``<= u`` (``u`` uniform in [0, 1)): the class whose CDF interval holds
+    ``u``, and never past the last class despite rounding. One loop over the classes with
+    ``[B, H, W]`` operations: on CPU several times faster than ``searchsorted`` on a permuted
+    copy, and no ``[B, H, W, C]`` copy of the probabilities.
+    """
+    b, c, h, w = p.shape
+    u = torch.rand(b, h, w, k, device=p.device, generator=generator).permute(3, 0, 1, 2)  # [K, B, H, W]
+    small = torch.uint8 if c <= 256 else torch.int32  # fewer bytes per pass; widened once at the end
+    idx = torch.zeros(k, b, h, w, dtype=small, device=p.device)
+    acc = torch.zeros(b, h, w, dtype=p.dtype, device=p.device)
+    if with_argmax:
+        # The first maximum is at the number of classes whose running maximum is still below it.
+        top = p.amax(1)
+        best = p[:, 0].clone()
+        arg = torch.zeros(b, h, w, dtype=small, device=p.device)
+    for cls in range(c - 1):
+        acc.add_(p[:, cls])
+        idx.add_(acc.unsqueeze(0) <= u)
+        if with_argmax:
+            arg.add_(best < top)
+            torch.maximum(best, p[:, cls + 1], out=best)
+    return idx.long(), (arg.long() if with_argmax else None)
 
 
 def _masked_sum(lp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
