@@ -19,3 +19,15 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     for png in ("miou_curves.png", "examples.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert "miou_curves.png" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_method_option_and_bad_method(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--seeds", "0", "1",
+                 "--method", "reinforce_loo_ce"]) == 0
+    out = capsys.readouterr().out
+    assert "seed-paired" in out and "seeds [0, 1]" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "--method reinforce_loo_ce" in report and "`reinforce_loo_ce`" in report
+    assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--method", "nope"]) != 0
+    err = capsys.readouterr().err
+    assert "nope" in err and "local_batch_ce" in err

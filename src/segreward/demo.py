@@ -5,7 +5,8 @@
    with as many source images replayed (so the source domain is not forgotten);
 3. from that checkpoint, spend the same extra budget two ways:
    (a) *+ extra CE* -- more cross-entropy on the same dusk images;
-   (b) *+ reward tuning* -- :class:`~segreward.ReinforceLoss` on per-image mIoU;
+   (b) *+ reward tuning* -- :class:`~segreward.ReinforceLoss` with one of :data:`METHODS`
+       (default :data:`DEFAULT_METHOD`, the best measured one; ``--method`` picks another);
 4. evaluate every stage on held-out dusk images (target) and day images (source, forgetting),
    and write a report (markdown table, mIoU-vs-step plot, example predictions).
 """
@@ -21,6 +22,21 @@ from pathlib import Path
 from segreward.engine import config_from_dict, train
 
 STAGES = ("source_only", "ce_finetuned", "extra_ce", "reward_tuned")
+
+# Reward-tuning methods of the last stage: the trainer's loss section, and how the report names it.
+METHODS = {
+    "local_batch_ce": ({"type": "reinforce", "estimator": "local", "scope": "batch", "ce_weight": 0.5},
+                       "exact per-pixel credit, mIoU of the batch, CE anchor 0.5"),
+    "local_batch": ({"type": "reinforce", "estimator": "local", "scope": "batch"},
+                    "exact per-pixel credit, mIoU of the batch"),
+    "local_running_ce": ({"type": "reinforce", "estimator": "local", "scope": "running", "ce_weight": 0.5},
+                         "exact per-pixel credit, mIoU of batch + past batches, CE anchor 0.5"),
+    "local_image_ce": ({"type": "reinforce", "estimator": "local", "scope": "image", "ce_weight": 0.5},
+                       "exact per-pixel credit, per-image mIoU, CE anchor 0.5"),
+    "reinforce_loo_ce": ({"type": "reinforce", "estimator": "sample", "k": 4, "baseline": "loo", "ce_weight": 0.5},
+                         "REINFORCE, per-image mIoU, K=4, loo, CE anchor 0.5"),
+}
+DEFAULT_METHOD = "local_batch_ce"
 LABELS = {"source_only": "source only", "ce_finetuned": "CE fine-tuned", "extra_ce": "+ extra CE",
           "reward_tuned": "+ reward tuning"}
 
@@ -37,17 +53,18 @@ class DemoSettings:
     extra_iters: int = 150
     batch_size: int = 8
     width: int = 16
-    # reward tuning: REINFORCE on per-image mIoU, K samples, leave-one-out baseline, CE anchor
-    k: int = 4
-    baseline: str = "loo"
-    ce_weight: float = 0.5
+    method: str = DEFAULT_METHOD  # reward tuning: a key of METHODS
     tune_lr: float = 3e-4
 
+    def __post_init__(self):
+        if self.method not in METHODS:
+            from segreward.errors import SegrewardError
+            raise SegrewardError(f"unknown demo method {self.method!r}; valid: {', '.join(METHODS)}")
+
     @classmethod
-    def quick(cls) -> "DemoSettings":
+    def quick(cls, **kw) -> "DemoSettings":
         return cls(size=(32, 64), n_source=32, n_target_labelled=8, n_eval=8, n_replay=8, pretrain_iters=12,
-                   finetune_iters=6,
-                   extra_iters=6, batch_size=4, width=8)
+                   finetune_iters=6, extra_iters=6, batch_size=4, width=8, **kw)
 
 
 def _data(s: DemoSettings, seed: int) -> dict:
@@ -97,8 +114,7 @@ def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True) -> d
     results["extra_ce"] = extra["val"]
     rl = train(config_from_dict(_stage_config(
         "reward_tuned", work, s, seed, data["target"], s.extra_iters, stage="tune", checkpoint=start,
-        loss={"type": "reinforce", "reward": "miou", "sampler": "categorical", "k": s.k, "baseline": s.baseline,
-              "ce_weight": s.ce_weight}, lr=s.tune_lr, schedule="constant", progress=progress)))
+        loss=dict(METHODS[s.method][0]), lr=s.tune_lr, schedule="constant", progress=progress)))
     results["reward_tuned"] = rl["val"]
     return {stage: {dom: {"mIoU": v["mIoU"], "aAcc": v["aAcc"], "mAcc": v["mAcc"], "IoU": v["IoU"]}
                     for dom, v in r.items()} for stage, r in results.items()}
@@ -118,11 +134,13 @@ def summary_table(per_seed: dict[int, dict]) -> str:
             m, sd = _mean_std([per_seed[sd_][stage][dom]["mIoU"] for sd_ in seeds])
             cells.append(fmt.format(m, sd) if len(seeds) > 1 else fmt.format(m))
         lines.append(f"| {LABELS[stage]} | {cells[0]} | {cells[1]} |")
-    gains = [per_seed[s]["reward_tuned"]["target"]["mIoU"] - per_seed[s]["extra_ce"]["target"]["mIoU"] for s in seeds]
-    m, sd = _mean_std(gains)
     lines.append("")
-    lines.append(f"Reward tuning minus extra CE (same budget), target mIoU: {m:+.2f}"
-                 + (f" ± {sd:.2f} over seeds {seeds}" if len(seeds) > 1 else f" (seed {seeds[0]})"))
+    for dom in ("target", "source"):
+        gains = [per_seed[s]["reward_tuned"][dom]["mIoU"] - per_seed[s]["extra_ce"][dom]["mIoU"] for s in seeds]
+        m, sd = _mean_std(gains)
+        per = ", ".join(f"{g:+.2f}" for g in gains)
+        lines.append(f"Reward tuning minus extra CE (same budget, seed-paired), {dom} mIoU: {m:+.2f}"
+                     + (f" ± {sd:.2f} (seeds {seeds}: {per})" if len(seeds) > 1 else f" (seed {seeds[0]})"))
     return "\n".join(lines)
 
 
@@ -189,9 +207,10 @@ def _plot_examples(work: Path, s: DemoSettings, seed: int, out: Path, n: int = 3
     plt.close(fig)
 
 
-def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, progress: bool = True) -> dict:
+def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, progress: bool = True,
+             method: str = DEFAULT_METHOD) -> dict:
     """Run the demo; returns ``{"per_seed": ..., "table": str, "report": path, "runtime_s": float}``."""
-    s = DemoSettings.quick() if quick else DemoSettings()
+    s = DemoSettings.quick(method=method) if quick else DemoSettings(method=method)
     out = Path(out)
     t0 = time.perf_counter()
     per_seed = {}
@@ -202,7 +221,8 @@ def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, pro
     first = out / f"seed{seeds[0]}"
     _plot_curves(first, out / "miou_curves.png")
     _plot_examples(first, s, int(seeds[0]), out / "examples.png")
-    command = "segreward demo" + (" --quick" if quick else "") + (f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != (0,) else "")
+    command = ("segreward demo" + (" --quick" if quick else "") + (f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != (0,) else "")
+               + (f" --method {method}" if method != DEFAULT_METHOD else ""))
     report = out / "report.md"
     report.write_text(
         f"# segreward demo\n\nCommand: `{command}` — {runtime / 60:.1f} min.\n\n"
@@ -210,8 +230,8 @@ def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, pro
         f"({s.n_target_labelled} labelled for fine-tuning, {s.n_eval} held out); the target stages train on the "
         f"dusk images plus {s.n_replay} replayed day images. Iterations of batch "
         f"{s.batch_size}: pretrain {s.pretrain_iters}, CE fine-tune {s.finetune_iters}, then {s.extra_iters} more of "
-        f"either cross-entropy or reward tuning (REINFORCE on per-image mIoU, K={s.k}, baseline {s.baseline}, "
-        f"CE anchor {s.ce_weight}, Adam lr {s.tune_lr}).\n\n{table}\n\n"
+        f"either cross-entropy or reward tuning (`{s.method}`: {METHODS[s.method][1]}; Adam lr {s.tune_lr}), "
+        f"both from the same CE fine-tuned checkpoint.\n\n{table}\n\n"
         f"![mIoU per stage](miou_curves.png)\n\n![example predictions on held-out dusk images](examples.png)\n")
     (out / "results.json").write_text(json.dumps({"settings": s.__dict__, "per_seed": per_seed, "runtime_s": runtime},
                                                  indent=1, default=list))

@@ -9,15 +9,23 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (mean ± std when several)")
+    p.add_argument("--method", default=None, help="reward-tuning method of the last stage (default: the best "
+                   "measured one); one of: " + ", ".join(_methods()))
     p.add_argument("--quick", action="store_true", help="a tiny variant that finishes in seconds (for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from segreward.demo import run_demo
+def _methods() -> list[str]:
+    from segreward.demo import METHODS
+    return list(METHODS)
 
-    result = run_demo(args.out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress)
+
+def run(args) -> int:
+    from segreward.demo import DEFAULT_METHOD, run_demo
+
+    result = run_demo(args.out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress,
+                      method=args.method or DEFAULT_METHOD)
     print(result["table"])
     print(f"report: {result['report']}  ({result['runtime_s'] / 60:.1f} min)")
     return 0
