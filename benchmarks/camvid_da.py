@@ -332,7 +332,9 @@ def markdown(result: dict) -> str:
     fr = cfg["frames"]
     lines = ["# CamVid day -> dusk benchmark", "",
              "Commands: " + "; then ".join(f"`{c}`" for c in cfg["commands"]) + "  ",
-             f"Total runtime: {result['runtime_s']:.0f} s ({cfg['threads']} CPU thread(s), device {cfg['device']}). "
+             f"Total runtime: {result['runtime_s']:.0f} s ({cfg['threads']} CPU thread(s) per process, device "
+             f"{cfg['device']}" + (f"; the sum over {cfg['processes']} processes run side by side, seeds split "
+                                   "between them" if cfg.get("processes", 1) > 1 else "") + "). "
              f"Seeds: {cfg['seeds']}." + ("" if result["complete"] else " **Partial results (run not finished).**"), "",
              "Frames:", "",
              f"- source training: {fr['source']}",
@@ -407,6 +409,36 @@ def save(args, runs, data, t_start, weights, partial: bool) -> dict:
     return result
 
 
+def merge(paths: list[str], out: str) -> dict:
+    """Combine result files of runs that differ only in their seeds (e.g. seeds split over
+    parallel processes) into one result: runs pooled, commands listed, runtimes added up."""
+    results = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
+    ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device"}
+    base = {k: v for k, v in results[0]["config"].items() if k not in ignore}
+    runs: dict[tuple, dict] = {}
+    for path, res in zip(paths, results):
+        other = {k: v for k, v in res["config"].items() if k not in ignore}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise SystemExit(f"{path}: settings differ from {paths[0]} in {diff}; only seeds may differ")
+        for r in res["runs"]:
+            runs.setdefault((r["protocol"], r["method"], r["seed"]), r)
+    cfg = dict(results[0]["config"])
+    cfg["seeds"] = sorted({r["seed"] for r in runs.values()})
+    cfg["commands"] = [c for res in results for c in res["config"]["commands"]]
+    cfg["processes"] = len(results)
+    result = {"runs": list(runs.values()), "summary": summarize(list(runs.values())), "config": cfg,
+              "runtime_s": round(sum(r["runtime_s"] for r in results), 1),
+              "complete": all(r["complete"] for r in results)}
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):
+        tmp = target.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target.with_suffix(suffix))
+    return result
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="../shared/data/camvid", help="CamVid folder (train/, trainannot/, val/, ...)")
@@ -445,6 +477,8 @@ def parse(argv=None):
     p.add_argument("--keep-weights", action="store_true", help="keep every method run's weights and checkpoint")
     p.add_argument("--append", action="store_true", help="add runs to the existing --out JSON, skipping those there")
     p.add_argument("--out", default="results/camvid_da", help="output path without suffix (.json and .md)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULT",
+                   help="only combine these result files (runs that differ in seeds) into --out; trains nothing")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for m in args.methods or []:  # method names are checked before any data is read
@@ -457,4 +491,8 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
-    run(parse())
+    _args = parse()
+    if _args.merge:
+        merge(_args.merge, _args.out)
+    else:
+        run(_args)

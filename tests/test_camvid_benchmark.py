@@ -116,3 +116,19 @@ def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
     again = json.loads(out.with_suffix(".json").read_text())
     assert {r["seed"] for r in again["runs"] if r["method"] == "ce"} == {0, 1, 2}
     assert len(again["config"]["commands"]) == 2
+
+    # --merge pools result files whose runs differ only in their seeds (parallel processes)
+    other = tmp_path / "res" / "other"
+    first = [a for a in args.argv if a not in ("--append",)]
+    i = first.index("--out")
+    first[i + 1] = str(other)
+    bench.run(bench.parse(first + ["--seeds", "5", "--protocols", "after_ce", "--methods", "local_batch"]))
+    merged = bench.merge([str(out), str(other)], str(tmp_path / "res" / "merged"))
+    assert merged["config"]["seeds"] == [0, 1, 2, 5] and merged["config"]["processes"] == 2
+    ce_row = next(r for r in merged["summary"] if r["protocol"] == "after_ce" and r["method"] == "local_batch")
+    assert ce_row["n"] == 3 and ce_row["paired_seeds"] == [0, 1, 5]
+    assert "the sum over 2 processes" in (tmp_path / "res" / "merged.md").read_text()
+    with pytest.raises(SystemExit, match="only seeds may differ"):
+        bench.run(bench.parse(first + ["--seeds", "6", "--protocols", "after_ce", "--methods", "ce", "--k", "3",
+                                       "--out", str(tmp_path / "res" / "k3")]))
+        bench.merge([str(out), str(tmp_path / "res" / "k3")], str(tmp_path / "res" / "bad"))
