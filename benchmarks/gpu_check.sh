@@ -5,7 +5,8 @@
 #     DEVICE=cpu SMALL=1 SKIP_INSTALL=1 bash benchmarks/gpu_check.sh   # a tiny CPU dry run of the same steps
 #
 # Assumes torch with CUDA is already installed; never installs or replaces torch.
-#  (a) benchmarks/gpu_step.py: tune step (ReinforceLoss K=4, + coherent K=4 and K=16) vs CE step with
+#  (a) benchmarks/gpu_step.py: tune step (ReinforceLoss K=4, + coherent K=4 and K=16, + the local
+#      estimator with scopes image and batch) vs CE step with
 #      bf16 autocast, batch 8 at 512x1024, SegFormer-B0 (random init), 19 classes: ms/step, images/s,
 #      peak memory -> gpu_step.json
 #  (b) torchrun --nproc_per_node=min(2, #GPUs) -m segreward train on a tiny synthetic config

@@ -5,7 +5,8 @@
 
 Run by ``benchmarks/gpu_check.sh``. For each variant -- ``ce`` (plain cross-entropy) and
 ``reinforce_k4`` (:class:`segreward.ReinforceLoss`, categorical sampler, K=4, loo baseline;
-plus ``coherent_k4`` and ``reinforce_k16`` unless ``--only``) -- a fresh copy of the same
+plus ``coherent_k4``, ``reinforce_k16`` and the local estimator ``local_image`` / ``local_batch``
+(exact per-pixel credit, K=1) unless ``--only``) -- a fresh copy of the same
 randomly initialised model does ``--warmup`` untimed steps, then ``--iters`` timed steps (forward
 under autocast, loss in float32, backward, AdamW step). Reported: ms per step, images/s, ratio to
 the CE step, and peak memory (``torch.cuda.max_memory_allocated``, reset before each variant).
@@ -63,7 +64,9 @@ def run_variant(name, args, device, x, y):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = None
-    if name != "ce":
+    if name.startswith("local_"):  # exact per-pixel credit, K=1, scope image or batch
+        loss_fn = ReinforceLoss(args.classes, estimator="local", scope=name.split("_", 1)[1])
+    elif name != "ce":
         k = int(name.rsplit("k", 1)[1])
         loss_fn = ReinforceLoss(args.classes, k=k, sampler="coherent" if name.startswith("coherent") else "categorical")
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
@@ -116,7 +119,7 @@ def main(argv=None):
     p.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--only", nargs="*", default=None, help="variants to run (default: ce reinforce_k4 coherent_k4 reinforce_k16)")
+    p.add_argument("--only", nargs="*", default=None, help="variants to run (default: ce reinforce_k4 coherent_k4 reinforce_k16 local_image local_batch)")
     p.add_argument("--out-dir", default=os.environ.get("OUT") or str(ROOT / "results"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -128,7 +131,7 @@ def main(argv=None):
     torch.manual_seed(2)
     x = torch.randn(b, 3, h, w, device=device)
     y = labels(b, h, w, args.classes, device)
-    names = args.only or ["ce", "reinforce_k4", "coherent_k4", "reinforce_k16"]
+    names = args.only or ["ce", "reinforce_k4", "coherent_k4", "reinforce_k16", "local_image", "local_batch"]
     rows, model_name = {}, None
     for n in names:
         rows[n], model_name = run_variant(n, args, device, x, y)
