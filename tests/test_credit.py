@@ -241,3 +241,19 @@ def test_sample_estimator_batch_scope_is_one_reward_per_sample():
     assert 0 <= own.diagnostics["reward_mean"] <= 1
     with pytest.raises(SegrewardError, match="no counts form"):
         ReinforceLoss(C, reward=lambda p, t: R.miou(p, t, C), scope="running")
+
+
+def test_sample_estimator_running_scope_scores_batch_plus_running_counts():
+    torch.manual_seed(0)
+    logits = torch.randn(2, C, 6, 6, requires_grad=True)
+    target = torch.randint(0, C, (2, 6, 6))
+    loss_fn = ReinforceLoss(C, scope="running", k=2, momentum=0.5)
+    loss_fn(logits, target).backward()
+    first = loss_fn.running_counts.clone()
+    assert float(first.sum()) > 0 and float(logits.grad.abs().sum()) > 0
+    # the running counts are the discounted mean of the K samples' counts: labels fix L exactly
+    label_area = torch.bincount(target.flatten(), minlength=C).double()
+    torch.testing.assert_close(first[:, 2], 0.5 * label_area)
+    loss_fn.eval()  # outside training the counts are read but not updated
+    loss_fn(logits, target)
+    torch.testing.assert_close(loss_fn.running_counts, first)
