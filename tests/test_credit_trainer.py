@@ -1,15 +1,10 @@
 """The local estimator through the trainer: config keys, diagnostics in the run log, and the
 running-scope state surviving a kill + --resume (bit-identical weights)."""
 
-import signal
-import subprocess
-import sys
-import time
-
 import torch
 
 from segreward.engine import config_from_dict, train
-from test_engine import _env, _segreward, _write_config, read_jsonl, tiny_config, weights
+from test_engine import _segreward, _write_config, kill_after_first_checkpoint, read_jsonl, tiny_config, weights
 
 
 def test_local_estimator_logs_credit_diagnostics(tmp_path):
@@ -32,15 +27,7 @@ def test_running_scope_state_survives_kill_and_resume(tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     cfg_path = _write_config(tmp_path / "run.yaml", tiny_config(tmp_path / "run", **common))
-    proc = subprocess.Popen([sys.executable, "-m", "segreward", "train", str(cfg_path)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = kill_after_first_checkpoint(cfg_path, tmp_path / "run")
     state = torch.load(ckpt, weights_only=True)
     assert 0 < state["step"] < 24
     assert float(state["loss"]["running_counts"].sum()) > 0  # the running counts are in the checkpoint

@@ -108,6 +108,20 @@ def _segreward(*args, **kw):
                           timeout=300, **kw)
 
 
+def kill_after_first_checkpoint(cfg_path, work_dir):
+    """Start ``segreward train cfg_path``, SIGKILL it once its first checkpoint exists; return that path."""
+    proc = subprocess.Popen([sys.executable, "-m", "segreward", "train", str(cfg_path)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = work_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return ckpt
+
+
 def test_resume_after_kill_gives_the_same_weights(tmp_path):
     # Every run is a single-threaded subprocess, so float reductions happen in the same order.
     common = {"train.iters": 24, "train.checkpoint_every": 4, "train.eval_every": 24, "loss": {"type": "reinforce", "k": 2},
@@ -116,15 +130,7 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     cfg_path = _write_config(tmp_path / "run.yaml", tiny_config(tmp_path / "run", **common))
-    proc = subprocess.Popen([sys.executable, "-m", "segreward", "train", str(cfg_path)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = kill_after_first_checkpoint(cfg_path, tmp_path / "run")
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < step < 24
     resumed = _segreward("train", str(cfg_path), "--resume")
