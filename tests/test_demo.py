@@ -31,3 +31,22 @@ def test_demo_method_option_and_bad_method(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--method", "nope"]) != 0
     err = capsys.readouterr().err
     assert "nope" in err and "local_batch_ce" in err
+
+
+def test_demo_methods_benchmark_compares_every_method_with_extra_ce(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_methods", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_methods.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--quick", "--seeds", "0", "1", "--methods", "local_batch_ce", "reinforce_loo_ce",
+                         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res")])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"ce_finetuned", "extra_ce", "local_batch_ce", "reinforce_loo_ce"}
+    for m in ("local_batch_ce", "reinforce_loo_ce"):
+        diffs = [result["per_seed"][s][m]["target"]["mIoU"] - result["per_seed"][s]["extra_ce"]["target"]["mIoU"]
+                 for s in (0, 1)]
+        assert rows[m]["target_diffs"] == [round(d, 3) for d in diffs]
+    assert "| local_batch_ce |" in (tmp_path / "res.md").read_text()

@@ -94,30 +94,44 @@ def _stage_config(name: str, work: Path, s: DemoSettings, seed: int, train_data:
     }
 
 
-def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True) -> dict:
-    """The four stages for one seed; returns ``{stage: {"target": scores, "source": scores}}``."""
+def _scores(val: dict) -> dict:
+    return {dom: {"mIoU": v["mIoU"], "aAcc": v["aAcc"], "mAcc": v["mAcc"], "IoU": v["IoU"]} for dom, v in val.items()}
+
+
+def run_reward_stage(work: Path, s: DemoSettings, seed: int, method: str, name: str = "reward_tuned",
+                     progress: bool = True) -> dict:
+    """The last stage with one of :data:`METHODS`, from the seed's CE fine-tuned checkpoint
+    (written by :func:`run_seed`); returns ``{"target": scores, "source": scores}``."""
+    data = _data(s, seed)
+    rl = train(config_from_dict(_stage_config(
+        name, work, s, seed, data["target"], s.extra_iters, stage="tune",
+        checkpoint=work / "ce_finetuned" / "model.safetensors", loss=dict(METHODS[method][0]), lr=s.tune_lr,
+        schedule="constant", progress=progress)))
+    return _scores(rl["val"])
+
+
+def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True, with_reward: bool = True) -> dict:
+    """The four stages for one seed (the last one only if ``with_reward``); returns
+    ``{stage: {"target": scores, "source": scores}}``."""
     data = _data(s, seed)
     results = {}
     pre = train(config_from_dict(_stage_config(
         "source_only", work, s, seed, data["source"], s.pretrain_iters, stage="pretrain", checkpoint=None,
         loss={"type": "ce"}, lr=3e-3, schedule="poly", progress=progress)))
-    results["source_only"] = pre["val"]
+    results["source_only"] = _scores(pre["val"])
     ft = train(config_from_dict(_stage_config(
         "ce_finetuned", work, s, seed, data["target"], s.finetune_iters, stage="tune",
         checkpoint=work / "source_only" / "model.safetensors", loss={"type": "ce"}, lr=1e-3, schedule="poly",
         progress=progress)))
-    results["ce_finetuned"] = ft["val"]
-    start = work / "ce_finetuned" / "model.safetensors"
+    results["ce_finetuned"] = _scores(ft["val"])
     extra = train(config_from_dict(_stage_config(
-        "extra_ce", work, s, seed, data["target"], s.extra_iters, stage="tune", checkpoint=start,
-        loss={"type": "ce"}, lr=s.tune_lr, schedule="constant", progress=progress)))
-    results["extra_ce"] = extra["val"]
-    rl = train(config_from_dict(_stage_config(
-        "reward_tuned", work, s, seed, data["target"], s.extra_iters, stage="tune", checkpoint=start,
-        loss=dict(METHODS[s.method][0]), lr=s.tune_lr, schedule="constant", progress=progress)))
-    results["reward_tuned"] = rl["val"]
-    return {stage: {dom: {"mIoU": v["mIoU"], "aAcc": v["aAcc"], "mAcc": v["mAcc"], "IoU": v["IoU"]}
-                    for dom, v in r.items()} for stage, r in results.items()}
+        "extra_ce", work, s, seed, data["target"], s.extra_iters, stage="tune",
+        checkpoint=work / "ce_finetuned" / "model.safetensors", loss={"type": "ce"}, lr=s.tune_lr,
+        schedule="constant", progress=progress)))
+    results["extra_ce"] = _scores(extra["val"])
+    if with_reward:
+        results["reward_tuned"] = run_reward_stage(work, s, seed, s.method, progress=progress)
+    return results
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
