@@ -160,12 +160,12 @@ def load_data(args) -> dict:
 
 # ----------------------------------------------------------------------------- runs
 def run_config(args, work: Path, seed: int, stage: str, steps: int, lr: float, checkpoint: str | None,
-               sections: dict) -> dict:
-    """A trainer config: Adam at a constant lr, flips, one evaluation at the end."""
+               sections: dict, schedule: str = "constant") -> dict:
+    """A trainer config: Adam (lr schedule ``schedule``), flips, one evaluation at the end."""
     return {"name": work.name, "stage": stage, "seed": seed, "work_dir": str(work),
             "model": {"name": "unet", "num_classes": NUM_CLASSES, "options": {"width": args.width},
                       "checkpoint": checkpoint},
-            "optim": {"name": "adam", "lr": lr, "weight_decay": 0.0, "schedule": "constant"},
+            "optim": {"name": "adam", "lr": lr, "weight_decay": 0.0, "schedule": schedule},
             "train": {"iters": steps, "batch_size": args.batch, "eval_every": steps, "checkpoint_every": steps,
                       "log_every": 1, "augment": True, "device": args.device, "progress": False},
             **sections}
@@ -246,7 +246,7 @@ def run(args) -> dict:
             key = {"root": str(Path(args.root).resolve()), "size": list(args.size), "eval": data["frames"]}
             t0 = time.perf_counter()
             cfg = run_config(args, sdir / "pretrain", seed, "pretrain", args.pretrain_steps, args.pretrain_lr, None,
-                             {"loss": {"type": "ce"}})
+                             {"loss": {"type": "ce"}}, args.stage_schedule)
             bar.set_postfix_str(f"seed {seed} pretrain")
             s = run_stage(cfg, data, data["source"], {**key, "cfg": cfg})
             bar.update(args.pretrain_steps)
@@ -258,7 +258,7 @@ def run(args) -> dict:
             if finetune:
                 t0 = time.perf_counter()
                 cfg = run_config(args, sdir / "finetune", seed + 1, "pretrain", args.finetune_steps, args.lr, src,
-                                 {"loss": {"type": "ce"}})
+                                 {"loss": {"type": "ce"}}, args.stage_schedule)
                 bar.set_postfix_str(f"seed {seed} CE fine-tune")
                 s = run_stage(cfg, data, tune, {**key, "cfg": cfg})
                 bar.update(args.finetune_steps)
@@ -342,7 +342,8 @@ def markdown(result: dict) -> str:
              f"- **target evaluation (scored): {fr['target_eval']}**",
              f"- source evaluation (scored): {fr['source_eval']}", "",
              f"Frames at {cfg['size'][0]}x{cfg['size'][1]}; U-Net width {cfg['width']}; every run is a "
-             f"`segreward.engine.train` run (Adam, constant lr, random flips, one evaluation at its end).",
+             f"`segreward.engine.train` run (Adam, random flips, one evaluation at its end; lr schedule "
+             f"{cfg.get('stage_schedule', 'constant')} for pretraining and CE fine-tuning, constant for the methods).",
              f"Steps (batch {cfg['batch']}): pretrain {cfg['pretrain_steps']} (lr {cfg['pretrain_lr']}), "
              f"CE fine-tune {cfg['finetune_steps']} (lr {cfg['lr']}), after_ce {cfg['extra_steps']} "
              f"(lr {cfg['extra_lr']}), from_source {cfg['source_steps']} (lr {cfg['lr']}), uda {cfg['uda_steps']} "
@@ -455,6 +456,8 @@ def parse(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=1200)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--finetune-steps", type=int, default=400)
+    p.add_argument("--stage-schedule", default="poly", choices=["constant", "poly", "cosine"],
+                   help="lr schedule of the pretrain and CE fine-tune stages (method runs: constant lr)")
     p.add_argument("--lr", type=float, default=1e-3, help="CE fine-tuning and from_source lr")
     p.add_argument("--steps", "--extra-steps", dest="extra_steps", type=int, default=200,
                    help="after_ce budget of every method (steps)")
