@@ -456,7 +456,7 @@ def parse(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=1200)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--finetune-steps", type=int, default=400)
-    p.add_argument("--stage-schedule", default="poly", choices=["constant", "poly", "cosine"],
+    p.add_argument("--stage-schedule", default="constant", choices=["constant", "poly", "cosine"],
                    help="lr schedule of the pretrain and CE fine-tune stages (method runs: constant lr)")
     p.add_argument("--lr", type=float, default=1e-3, help="CE fine-tuning and from_source lr")
     p.add_argument("--steps", "--extra-steps", dest="extra_steps", type=int, default=200,
