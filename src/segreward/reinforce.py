@@ -262,13 +262,19 @@ class ReinforceLoss(nn.Module):
             self.running_counts.copy_(self.momentum * (running + cnt.mean(0)[0]))
         return cnt + running
 
-    def _rewards(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` at this loss's scope."""
+    def _rewards(self, samples: torch.Tensor, target: torch.Tensor, fold: bool = False,
+                 running: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` at this loss's scope. Scope ``running``:
+        ``fold`` also adds these samples' counts to the running counts (in training); ``running``
+        replaces the running counts read (e.g. those from before a fold)."""
         k, b = samples.shape[:2]
         if self.form is not None:
             cnt = self._batch_counts(samples, target)
             if self.scope == "running":
-                cnt = cnt + self.running_counts.to(cnt.device)
+                if fold:
+                    cnt = self._with_running(cnt)
+                else:
+                    cnt = cnt + (self.running_counts if running is None else running).to(cnt.device)
             return reward_from_counts(self.form, cnt[..., 0], cnt[..., 1], cnt[..., 2]).float()
         if self.scope == "image":
             flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
@@ -336,7 +342,11 @@ class ReinforceLoss(nn.Module):
             # One reward per sample of the whole (global) batch: the batch is one image.
             log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
         with torch.no_grad():
-            rewards = self._rewards(samples, target)  # [K, B] or [K, 1]
+            before = self.running_counts.clone() if self.scope == "running" else None
+            rewards = self._rewards(samples, target, fold=True)  # [K, B] or [K, 1]
+            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
+            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
+            greedy = self._rewards(logits.max(1).indices.unsqueeze(0), target, running=before)[0]
             if self.scope == "image":
                 n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
             else:
@@ -344,11 +354,6 @@ class ReinforceLoss(nn.Module):
                 if self.sync:
                     _all_reduce(n_valid)
                 n_valid = n_valid.clamp_min(1)
-            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
-            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
-            greedy = self._rewards(logits.max(1).indices.unsqueeze(0), target)[0]
-            if self.scope == "running" and self.training:
-                self._with_running(self._batch_counts(samples, target))  # fold this batch in
             ema = None if torch.isnan(self.ema) else self.ema
             adv = compute_advantages(rewards, self.baseline, greedy, ema, self.normalize)
             # The EMA is tracked whatever the baseline, so it can be logged and switched to.
