@@ -15,7 +15,7 @@ Two policies:
 
 ``categorical``
     every pixel independently; inverse-CDF sampling with one uniform number per pixel and
-    sample (``searchsorted`` over the cumulative probabilities).
+    sample (counting the classes whose cumulative probability is below it: :func:`draw_from_probs`).
 ``coherent``
     the same per-pixel marginals, but all pixels of a square region (``block`` pixels wide, a
     grid with a random offset per sample) share one uniform number ``u``. Pixels with similar
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from segreward.errors import SegrewardError
 
-__all__ = ["CategoricalSampler", "CoherentSampler", "LocalSampler", "get_sampler", "SAMPLERS"]
+__all__ = ["CategoricalSampler", "CoherentSampler", "LocalSampler", "draw_from_probs", "get_sampler", "SAMPLERS"]
 
 
 def _policy(logits: torch.Tensor, temperature: float):
