@@ -257,3 +257,18 @@ def test_sample_estimator_running_scope_scores_batch_plus_running_counts():
     loss_fn.eval()  # outside training the counts are read but not updated
     loss_fn(logits, target)
     torch.testing.assert_close(loss_fn.running_counts, first)
+
+
+def test_draw_from_probs_argmax_is_the_first_maximum_and_samples_follow_the_cdf():
+    from segreward.sampling import draw_from_probs
+
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(2, 6, 5, 7) * 3, dim=1)
+    p[0, :, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.1, 0.1, 0.1])  # a tie: the first maximum wins
+    samples, arg = draw_from_probs(p, 3, torch.Generator().manual_seed(1), with_argmax=True)
+    assert torch.equal(arg, p.argmax(1)) and int(arg[0, 0, 0]) == 1
+    # the same uniforms through searchsorted on the CDF give the same classes
+    u = torch.rand(2, 5, 7, 3, generator=torch.Generator().manual_seed(1))
+    cdf = torch.cumsum(p.permute(0, 2, 3, 1), -1).contiguous()
+    ref = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=5).permute(3, 0, 1, 2)
+    assert torch.equal(samples, ref)
