@@ -88,9 +88,6 @@ class CountReward:
     name: str
     parts: tuple
 
-    def __call__(self, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-        return reward_from_counts(self, i, p, l)
-
 
 def _single(name: str, terms: Callable) -> CountReward:
     return CountReward(name, ((terms, 1.0),))
@@ -123,13 +120,7 @@ def count_form(spec, num_classes: int, class_weights=None) -> CountReward:
     if spec == "miou":
         return _single("miou", _miou_terms)
     if spec == "weighted_miou":
-        if class_weights is None:
-            raise SegrewardError("reward 'weighted_miou' needs class_weights (e.g. from `segreward stats weights`)")
-        w = torch.as_tensor(class_weights, dtype=torch.float64)
-        if w.numel() != num_classes:
-            raise SegrewardError(f"weighted_miou got {w.numel()} class weights for {num_classes} classes")
-        if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-            raise SegrewardError(f"class weights must be finite and >= 0, got {w.tolist()}")
+        w = R.class_weight_tensor(class_weights, num_classes)
         return _single("weighted_miou", functools.partial(_miou_terms, weight=w))
     if spec == "dice":
         return _single("dice", _dice_terms)
@@ -148,14 +139,18 @@ def counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_in
     return torch.stack([inter, pred_area, label_area], dim=-1)
 
 
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, and 0 where ``den`` is 0 (no labelled pixel: the reward carries no signal)."""
+    return torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
+
+
 def reward_from_counts(form: CountReward, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """``R`` of counts ``[..., C]`` (float), one value per leading index."""
     total = 0
     weight = 0.0
     for terms, w in form.parts:
         a, b = terms(i, p, l)
-        num, den = a.sum(-1), b.sum(-1)
-        total = total + w * torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
+        total = total + w * _ratio(a.sum(-1), b.sum(-1))
         weight += w
     return total / weight
 
@@ -173,7 +168,7 @@ def _part_credit(terms: Callable, i, p, l, sample, target, valid, group, dtype):
     """
     a0, b0 = terms(i, p, l)
     num, den = a0.sum(-1), b0.sum(-1)  # [G]
-    r0 = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
+    r0 = _ratio(num, den)
     one = torch.ones_like(i)
 
     def change(ii, pp):  # (dA - R dB, dB) per class, for a pixel entering/leaving with these counts

@@ -241,7 +241,8 @@ class ReinforceLoss(nn.Module):
 
     def _batch_counts(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Counts ``[K, G, C, 3]`` each reward is computed over: per image (``G = B``), or summed over
-        the batch (``G = 1``; all-reduced across DDP ranks; plus the running counts)."""
+        the batch (``G = 1``; all-reduced across DDP ranks). The running counts are added by
+        :meth:`_with_running`."""
         k, b = samples.shape[:2]
         flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
         cnt = counts(samples.reshape(-1, *target.shape[1:]), flat_target, self.num_classes, self.ignore_index)
@@ -283,9 +284,8 @@ class ReinforceLoss(nn.Module):
         if self.sync and _world_size() > 1:
             raise SegrewardError(f"reward {self.reward_name!r} has no counts form, so scope 'batch' cannot be "
                                  "all-reduced under DDP; use a built-in reward or scope 'image'")
-        tall = samples.reshape(k, 1, -1, target.shape[-1])
-        return self.reward_fn(tall.reshape(k, -1, target.shape[-1]),
-                              target.reshape(1, -1, target.shape[-1]).expand(k, -1, -1)).reshape(k, 1).float()
+        w = target.shape[-1]
+        return self.reward_fn(samples.reshape(k, -1, w), target.reshape(1, -1, w).expand(k, -1, -1)).reshape(k, 1).float()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target, mask = _prepare(logits, target, self.num_classes, self.ignore_index)

@@ -41,16 +41,25 @@ def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_inde
     return _mean_over_present(iou, union > 0).float()
 
 
+def class_weight_tensor(class_weights, num_classes: int, device=None) -> torch.Tensor:
+    """The class weights of ``weighted_miou`` as a float64 tensor ``[C]``, checked: present, one per
+    class, finite and >= 0."""
+    if class_weights is None:
+        raise SegrewardError("reward 'weighted_miou' needs class_weights (e.g. from `segreward stats weights`)")
+    w = torch.as_tensor(class_weights, dtype=torch.float64, device=device)
+    if w.numel() != num_classes:
+        raise SegrewardError(f"weighted_miou got {w.numel()} class weights for {num_classes} classes")
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise SegrewardError(f"class weights must be finite and >= 0, got {w.tolist()}")
+    return w
+
+
 def weighted_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                   class_weights: Sequence[float] | torch.Tensor, ignore_index: int = 255,
                   validate: bool = True) -> torch.Tensor:
     """Per-image class-weighted mIoU: ``sum_c w_c IoU_c / sum_c w_c`` over the present classes.
     Weights such as those of ``segreward stats weights`` make rare classes count more."""
-    w = torch.as_tensor(class_weights, dtype=torch.float64, device=pred.device)
-    if w.numel() != num_classes:
-        raise SegrewardError(f"weighted_miou got {w.numel()} class weights for {num_classes} classes")
-    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-        raise SegrewardError(f"class weights must be finite and >= 0, got {w.tolist()}")
+    w = class_weight_tensor(class_weights, num_classes, pred.device)
     inter, union, _, _ = class_stats(pred, target, num_classes, ignore_index, validate)
     iou = inter.double() / union.clamp_min(1).double()
     return _mean_over_present(iou, union > 0, w).float()
@@ -118,7 +127,7 @@ def get_reward(spec, num_classes: int, ignore_index: int = 255, **kwargs) -> Rew
         raise SegrewardError(f"unknown reward {spec!r}; valid: {', '.join(sorted(REWARDS))} (or any callable fn(pred, target))")
     fn = REWARDS[spec]
     if spec == "weighted_miou" and kwargs.get("class_weights") is None:
-        raise SegrewardError("reward 'weighted_miou' needs class_weights (e.g. from `segreward stats weights`)")
+        class_weight_tensor(None, num_classes)  # the one-line error of a missing weight list
     if spec != "weighted_miou":
         kwargs.pop("class_weights", None)
     return functools.partial(fn, num_classes=num_classes, ignore_index=ignore_index, **kwargs)
