@@ -289,3 +289,54 @@ def test_bad_inputs_are_clear():
         loss(torch.randn(1, 3, 4, 4), torch.tensor([[[0, 3, 7, 255]] * 4]))
     with pytest.raises(SegrewardError, match="larger than the label"):
         loss(torch.randn(1, 3, 8, 8), torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+# Golden values of the loss before ReinforceLoss was split into one object per estimator
+# (recorded from the pre-split code at commit 20e5859): the split must not change a number.
+# Per step: (loss, sum |grad|, grad . probe, diagnostics); then the state dict's sums
+# (NaN counted as -1: the local estimator never sets the EMA).
+GOLDEN_CASES = {
+    "sample_loo_ce": dict(k=4, ce_weight=0.5),
+    "sample_greedy_batch": dict(k=3, baseline="greedy", scope="batch"),
+    "sample_ema_running": dict(k=2, baseline="ema", scope="running", momentum=0.5),
+    "local_image": dict(estimator="local"),
+    "local_running_ce": dict(estimator="local", scope="running", k=2, momentum=0.5, ce_weight=0.5),
+}
+GOLDEN = {
+    'sample_loo_ce': ([(0.7449041604995728, 0.29433679580688477, -0.011141717433929443, {'reward_mean': 0.14452214539051056, 'reward_std': 0.046712297946214676, 'adv_std': 0.058511584997177124, 'greedy_reward': 0.13391952216625214, 'entropy': 1.2744847536087036}), (0.7704927325248718, 0.30220964550971985, -0.000833471305668354, {'reward_mean': 0.14146305620670319, 'reward_std': 0.03909924998879433, 'adv_std': 0.05252986401319504, 'greedy_reward': 0.1244128942489624, 'entropy': 1.2372339963912964})], {'ema': 0.14421623945236206, 'running_counts': 0.0}),
+    'sample_greedy_batch': ([(0.006357738748192787, 0.004228405654430389, 0.0003029258514288813, {'reward_mean': 0.13338196277618408, 'reward_std': 0.017061667516827583, 'adv_std': 0.017061667516827583, 'greedy_reward': 0.12824051082134247, 'entropy': 1.2744847536087036}), (0.01058819517493248, 0.0023908924777060747, 1.9032289856113493e-05, {'reward_mean': 0.13207724690437317, 'reward_std': 0.001274719601497054, 'adv_std': 0.001274719601497054, 'greedy_reward': 0.12375587970018387, 'entropy': 1.2372339963912964})], {'ema': 0.13325148820877075, 'running_counts': 0.0}),
+    'sample_ema_running': ([(-0.00032261665910482407, 0.0027165627107024193, 0.00012017309200018644, {'reward_mean': 0.13016483187675476, 'reward_std': 0.011698026210069656, 'adv_std': 0.011698026210069656, 'greedy_reward': 0.12824051082134247, 'entropy': 1.2744847536087036}), (0.0172526016831398, 0.005192686803638935, 6.507511716336012e-05, {'reward_mean': 0.14436191320419312, 'reward_std': 0.013184324838221073, 'adv_std': 0.013184324838221073, 'greedy_reward': 0.1266995668411255, 'entropy': 1.2372339963912964})], {'ema': 0.1315845400094986, 'running_counts': 364.125}),
+    'local_image': ([(0.049362149089574814, 0.08882220834493637, -0.0020181061699986458, {'reward_mean': 0.19018565647650942, 'reward_std': 0.0, 'greedy_reward': 0.13391952216625214, 'credit_abs': 0.0037625539116561413, 'credit_label_pos': 0.6944444179534912, 'entropy': 1.2744847536087036}), (0.0038449354469776154, 0.07570424675941467, 0.001946568489074707, {'reward_mean': 0.14521331935444845, 'reward_std': 0.0, 'greedy_reward': 0.1244128942489624, 'credit_abs': 0.0031727671157568693, 'credit_label_pos': 0.7453703880310059, 'entropy': 1.2372339963912964})], {'ema': -1.0, 'running_counts': 0.0}),
+    'local_running_ce': ([(0.7359158396720886, 0.33797550201416016, -0.011375726200640202, {'reward_mean': 0.13016483253769198, 'reward_std': 0.01169802375017778, 'greedy_reward': 0.12824051082134247, 'credit_abs': 0.000979968928731978, 'credit_label_pos': 0.9259259104728699, 'entropy': 1.2744847536087036}), (0.7755150198936462, 0.3365241587162018, -0.0007619855459779501, {'reward_mean': 0.14436192337002626, 'reward_std': 0.013184320077790114, 'greedy_reward': 0.1266995668411255, 'credit_abs': 0.0008792392327450216, 'credit_label_pos': 0.9212962985038757, 'entropy': 1.2372339963912964})], {'ema': -1.0, 'running_counts': 364.125}),
+}
+
+
+def golden_run(kwargs):
+    torch.manual_seed(0)
+    loss_fn = ReinforceLoss(4, **kwargs)
+    out = []
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        logits = torch.randn(2, 4, 5, 6, generator=g).requires_grad_(True)
+        target = torch.randint(0, 4, (2, 10, 12), generator=g)  # the logits are upsampled x2
+        target[0, :2] = 255
+        loss = loss_fn(logits, target)
+        loss.backward()
+        probe = torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)
+        grad = logits.grad
+        out.append((float(loss.detach()), float(grad.abs().sum()), float((grad * probe).sum()), dict(loss_fn.diagnostics)))
+    state = {k: float(v.nan_to_num(-1.0).sum()) for k, v in loss_fn.state_dict().items()}
+    return out, state
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_both_estimators_reproduce_the_golden_values(name):
+    steps, state = golden_run(GOLDEN_CASES[name])
+    want_steps, want_state = GOLDEN[name]
+    assert state == pytest.approx(want_state, rel=1e-6)
+    for (loss, grad_abs, grad_probe, diag), (w_loss, w_abs, w_probe, w_diag) in zip(steps, want_steps):
+        assert loss == pytest.approx(w_loss, rel=1e-5, abs=1e-9)
+        assert grad_abs == pytest.approx(w_abs, rel=1e-5, abs=1e-9)
+        assert grad_probe == pytest.approx(w_probe, rel=1e-4, abs=1e-9)
+        assert diag.keys() == w_diag.keys()
+        assert diag == pytest.approx(w_diag, rel=1e-5, abs=1e-9)
