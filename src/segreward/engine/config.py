@@ -26,8 +26,24 @@ def _choice(what: str, value, allowed) -> None:
 
 
 def _positive(what: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if value != value or value < 0 or (value == 0 and not allow_zero):  # value != value: NaN
         raise SegrewardError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _unit(what: str, value) -> None:
+    """A momentum-like value in [0, 1)."""
+    if not 0 <= value < 1:  # False for NaN too
+        raise SegrewardError(f"{what} must be in [0, 1), got {value}")
+
+
+# Device strings a config may name; which of them exist is checked when a run starts.
+_DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
+def _check_device_name(value: str) -> None:
+    import re
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise SegrewardError(f"train.device = {value!r} is not a device; use one of: {_DEVICE_HELP}")
 
 
 @dataclass
@@ -35,7 +51,14 @@ class ModelConfig:
     name: str = field(default="unet", metadata={"help": "built-in name (unet, ...) or adapter (segformer)"})
     num_classes: int | None = field(default=None, metadata={"help": "default: from the training data"})
     checkpoint: str | None = field(default=None, metadata={"help": "weights to start from (.pt/.pth/.safetensors/mmseg)"})
+    checkpoint_strict: bool = field(default=True, metadata={"help": "false: load the tensors of model.checkpoint "
+                                                                    "whose names and shapes match, skip the rest "
+                                                                    "(e.g. a classifier for other classes)"})
     options: dict = field(default_factory=dict, metadata={"help": "keywords for the model builder"})
+
+    def __post_init__(self):
+        if self.num_classes is not None:
+            _positive("model.num_classes", self.num_classes)
 
 
 @dataclass
@@ -65,16 +88,35 @@ class LossConfig:
             _choice("loss.type", self.type, LOSS_TYPES)
         _choice("loss.estimator", self.estimator, ("sample", "local"))
         _choice("loss.scope", self.scope, ("image", "batch", "running"))
-        if not 0 <= self.momentum < 1:
-            raise SegrewardError(f"loss.momentum must be in [0, 1), got {self.momentum}")
+        _unit("loss.momentum", self.momentum)
         if self.k is not None:
             _positive("loss.k", self.k)
         _positive("loss.kl_weight", self.kl_weight, allow_zero=True)
         _positive("loss.temperature", self.temperature)
         _positive("loss.ce_weight", self.ce_weight, allow_zero=True)
+        _positive("loss.block", self.block)
+        if not 0 < self.fraction <= 1:
+            raise SegrewardError(f"loss.fraction must be in (0, 1], got {self.fraction}")
+        for name in ("class_weight", "reward_class_weight"):
+            _check_class_weight(f"loss.{name}", getattr(self, name))
 
 
 LOSS_TYPES = ("ce", "lovasz", "reinforce", "reward_weighted_ce")
+
+
+def _check_class_weight(what: str, value) -> None:
+    """A list of finite numbers >= 0 (not all 0), or a path to a weights.json (read when the run starts)."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise SegrewardError(f"{what} = {value!r} must be a list of numbers or a weights.json path")
+    for i, w in enumerate(value):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise SegrewardError(f"{what}[{i}] = {w!r} is not a number")
+        if not w >= 0 or w == float("inf"):  # NaN fails w >= 0
+            raise SegrewardError(f"{what}[{i}] = {w} must be a finite number >= 0")
+    if not any(value):
+        raise SegrewardError(f"{what}: every class weight is 0; at least one must be > 0")
 
 
 @dataclass
@@ -91,7 +133,11 @@ class OptimConfig:
         _choice("optim.name", self.name, ("adamw", "adam", "sgd"))
         _choice("optim.schedule", self.schedule, ("constant", "poly", "cosine"))
         _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.momentum", self.momentum, allow_zero=True)
         _positive("optim.warmup_iters", self.warmup_iters, allow_zero=True)
+        if self.grad_clip is not None:
+            _positive("optim.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -113,7 +159,14 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("iters", "batch_size", "accumulate", "eval_every", "checkpoint_every", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
+        _positive("train.num_workers", self.num_workers, allow_zero=True)
         _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        _check_device_name(self.device)
+        if self.crop is not None:
+            ok = (len(self.crop) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in self.crop))
+            if not ok:
+                raise SegrewardError(f"train.crop = {self.crop!r} must be two positive integers [height, width]")
 
 
 @dataclass
@@ -142,8 +195,8 @@ class PseudoLabelConfig:
 
     def __post_init__(self):
         _choice("pseudo_label.teacher", self.teacher, ("start", "ema"))
-        if not 0 <= self.threshold < 1:
-            raise SegrewardError(f"pseudo_label.threshold must be in [0, 1), got {self.threshold}")
+        _unit("pseudo_label.threshold", self.threshold)
+        _unit("pseudo_label.ema_momentum", self.ema_momentum)
 
 
 @dataclass
@@ -244,16 +297,56 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return _build(Config, _merge(data or {}, parse_overrides(overrides)))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node, deep: bool = False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise SegrewardError(f"key {key!r} appears twice in one section (lines {seen[key] + 1} and "
+                                 f"{key_node.start_mark.line + 1}); keep one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: str | Path, what: str = "config file"):
+    """Parse a YAML file; a one-line :class:`SegrewardError` naming it if it is missing, a folder,
+    not UTF-8 text, not YAML, or has a key twice in one mapping."""
+    p = Path(path)
+    if p.is_dir():
+        raise SegrewardError(f"{p}: is a folder, not a {what}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SegrewardError(f"{p}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise SegrewardError(f"{p}: not a text {what} (not UTF-8); give a YAML file") from None
+    except OSError as e:
+        raise SegrewardError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
+    if "\x00" in text:
+        raise SegrewardError(f"{p}: not a text {what} (binary data); give a YAML file")
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise SegrewardError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+    except SegrewardError as e:
+        raise SegrewardError(f"{p}: {e}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     data: dict = {}
     if path is not None:
         p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except FileNotFoundError:
-            raise SegrewardError(f"{p}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise SegrewardError(f"{p}: not valid YAML ({e})") from None
+        data = read_yaml(p)
+        if data is None:
+            raise SegrewardError(f"{p}: the config file is empty; give at least the sections to change "
+                                 "(e.g. 'data:' and 'model:'), or '{}' to train with every default")
         if not isinstance(data, dict):
             raise SegrewardError(f"{p}: a config must be a mapping of sections, got {type(data).__name__}")
     try:
