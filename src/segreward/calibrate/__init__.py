@@ -1,0 +1,10 @@
+"""Reward-optimal class offsets: calibrate a model on the task reward, exactly.
+
+One additive logit offset per class, ``argmax_k (z_k + b_k)``, chosen to maximise a
+dataset-level count reward (``miou``, ``weighted_miou``, ``dice``, ``pixel_accuracy``, weighted
+sums) of a labelled set, then folded into the model's last bias so inference needs nothing new.
+"""
+
+from segreward.calibrate.exact import Calibration, PixelSet, fit_offsets, pixel_set
+
+__all__ = ["Calibration", "PixelSet", "fit_offsets", "pixel_set"]

@@ -1,0 +1,198 @@
+"""Exact coordinate ascent of a dataset-level count reward over per-class logit offsets.
+
+The calibrated prediction of pixel ``i`` is ``argmax_k (z_ik + b_k)``. With every offset but
+``b_c`` fixed, pixel ``i`` predicts ``c`` exactly when ``b_c > tau_i`` with
+
+    tau_i = max_{k != c} (z_ik + b_k) - z_ic,
+
+and otherwise predicts its best other class ``a_i``. So the reward, as a function of ``b_c``, is
+piecewise constant with breakpoints at the thresholds ``tau_i``: starting from ``b_c = -inf``
+(no pixel predicts ``c``), sorting the thresholds and moving the pixels one by one from ``a_i``
+into ``c`` visits every value the reward can take. Each move changes two classes' counts only
+(the same two-class update as :mod:`segreward.credit`):
+
+    class a_i:  P -= 1,  I -= [a_i == t_i]        class c:  P += 1,  I += [t_i == c]
+
+and the counts after every prefix of moves come from cumulative sums (per source class for
+``a_i``), so the reward at all ``M + 1`` intervals costs one sort and a few ``[M]`` passes. The
+step takes the middle of the best interval (keeping ``b_c`` where it is when its interval is
+already among the best, so a sweep that changes nothing ends the search).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from segreward.credit import CountReward, reward_from_counts
+from segreward.errors import SegrewardError
+
+__all__ = ["LineSearch", "line_search", "reward_curve", "class_terms", "form_reward", "EDGE_MARGIN"]
+
+# Distance (logits) of the chosen offset from the outermost threshold when the best interval is
+# unbounded: far enough to be robust, near enough to stay a small change of the model.
+EDGE_MARGIN = 1.0
+
+
+def class_terms(terms, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor, weight: torch.Tensor | None = None):
+    """Per-class terms ``(a, b)`` of counts that each belong to one class (all ``[M]``).
+
+    The built-in terms act elementwise over classes except for an optional class weight
+    (``weighted_miou``); ``weight`` is then that weight per element (see :func:`term_weight`).
+    """
+    if weight is not None:
+        terms = terms.func
+    a, b = terms(i, p, l)
+    if weight is not None:
+        a, b = a * weight, b * weight
+    return a, b
+
+
+def term_weight(terms) -> torch.Tensor | None:
+    """The class weight ``[C]`` (float64) of a terms function, or None."""
+    if isinstance(terms, functools.partial) and "weight" in terms.keywords:
+        if terms.args or set(terms.keywords) != {"weight"}:
+            raise SegrewardError("calibration supports reward terms with a class weight only as their one keyword")
+        return terms.keywords["weight"].to(torch.float64)
+    return None
+
+
+def form_reward(form: CountReward, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """The reward of count vectors ``[..., C]``; alias of :func:`segreward.credit.reward_from_counts`."""
+    return reward_from_counts(form, i, p, l)
+
+
+@dataclass(frozen=True)
+class LineSearch:
+    """Result of one exact 1-D step: the new offset, its reward and the reward it started from."""
+
+    offset: float
+    reward: float
+    start_reward: float
+
+
+def _best_interval(reward: torch.Tensor, cut: torch.Tensor, current: float, current_reward: float,
+                   bound: float | None, tol: float) -> tuple[float, float]:
+    """The offset in the middle of the best interval and its reward, or ``current`` when no
+    interval beats ``current_reward`` (the reward of the offsets as they are) by more than ``tol``.
+
+    ``reward[j]``: reward on the interval ``(cut[j-1], cut[j])`` for ``j = 0..U`` (``cut`` holds the
+    ``U`` sorted distinct breakpoints; ``cut[-1] = -inf`` and ``cut[U] = +inf``).
+    """
+    lo = torch.cat([cut.new_tensor([-float("inf")]), cut])
+    hi = torch.cat([cut, cut.new_tensor([float("inf")])])
+    if bound is not None:  # intervals that meet [-bound, bound], clipped to it
+        lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
+        reward = torch.where(lo < hi, reward, torch.full_like(reward, -float("inf")))
+    best = float(reward.max())
+    if best <= current_reward + tol:
+        return current, current_reward
+    good = torch.nonzero(reward >= best - tol).flatten().tolist()
+    # Among equally good intervals, the one whose middle is nearest the current offset.
+    choices = []
+    for j in good:
+        a, b = float(lo[j]), float(hi[j])
+        if a == -float("inf") and b == float("inf"):
+            x = current
+        elif a == -float("inf"):
+            x = b - EDGE_MARGIN
+        elif b == float("inf"):
+            x = a + EDGE_MARGIN
+        else:
+            x = 0.5 * (a + b)
+        choices.append((abs(x - current), j, x))
+    _, j, x = min(choices)
+    return x, float(reward[j])
+
+
+def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
+                 label_area: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cut, reward)``: the ``U`` sorted distinct thresholds and the reward on each of the
+    ``U + 1`` intervals between them (``reward[j]`` on ``(cut[j-1], cut[j])``).
+
+    ``tau``: ``[M]`` float64 thresholds (pixel predicts ``c`` iff ``b_c > tau``); ``src``: ``[M]``
+    long, its best other class ``a_i``; ``target``: ``[M]`` long labels (valid pixels only);
+    ``label_area``: ``[C]`` float64 label counts of the whole set.
+    """
+    m = tau.numel()
+    num_classes = label_area.numel()
+    dev = tau.device
+    lab = label_area.to(torch.float64)
+    hit_src = target == src
+    # Counts with b_c = -inf: every pixel predicts its best other class.
+    p0 = torch.bincount(src, minlength=num_classes).to(torch.float64)
+    i0 = torch.bincount(src[hit_src], minlength=num_classes).to(torch.float64)
+    p0[c], i0[c] = 0.0, 0.0
+
+    # One sort of the thresholds; the pixel's facts travel packed in one integer.
+    tau_s, order = torch.sort(tau, stable=True)
+    code = (src * 4 + hit_src.long() * 2 + (target == c).long()).index_select(0, order)
+    src_s = code >> 2
+    hc_s = (code & 1).to(torch.float64)
+    # The moves grouped by source class (stable: in threshold order within a group): the r-th
+    # move out of class k takes it from (I_k - h + hit, P_k - r + 1) to (I_k - h, P_k - r), where
+    # h counts the hits among the first r moves out of k.
+    src_g, by_src = torch.sort(src_s, stable=True)
+    sizes = torch.bincount(src_g, minlength=num_classes)
+    hit_g = ((code.index_select(0, by_src) >> 1) & 1).to(torch.float64)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(1, m + 1, device=dev, dtype=torch.float64) - torch.repeat_interleave(starts, sizes)
+    hits_cum = torch.cumsum(hit_g, 0)
+    left_hits = hits_cum - torch.repeat_interleave(torch.cat([hits_cum.new_zeros(1), hits_cum])[starts], sizes)
+    p_g, i_g, l_g = (torch.repeat_interleave(v, sizes) for v in (p0, i0, lab))
+
+    # Class c after j moves: P = j, I = hits into c so far.
+    steps = torch.arange(m + 1, device=dev, dtype=torch.float64)
+    ic = torch.cat([steps.new_zeros(1), torch.cumsum(hc_s, 0)])
+    others = torch.ones(num_classes, dtype=torch.bool, device=dev)
+    others[c] = False
+
+    total = None
+    weight = 0.0
+    for terms, w in form.parts:
+        cw = term_weight(terms)
+        w_g = None if cw is None else torch.repeat_interleave(cw, sizes)
+        w_c = None if cw is None else cw[c]
+        a0, b0 = terms(i0, p0, lab)
+        a_new, b_new = class_terms(terms, i_g - left_hits, p_g - rank, l_g, w_g)
+        a_old, b_old = class_terms(terms, i_g - left_hits + hit_g, p_g - rank + 1, l_g, w_g)
+        # Back to threshold order (one scatter per quantity), then the running sums over moves.
+        d_num = torch.empty(m, dtype=torch.float64, device=dev).index_copy_(0, by_src, a_new - a_old)
+        d_den = torch.empty(m, dtype=torch.float64, device=dev).index_copy_(0, by_src, b_new - b_old)
+        a_c, b_c = class_terms(terms, ic, steps, lab[c].expand(m + 1), w_c)
+        num = torch.cat([a0.new_zeros(1), torch.cumsum(d_num, 0)]).add_(a_c).add_(a0[others].sum())
+        den = torch.cat([b0.new_zeros(1), torch.cumsum(d_den, 0)]).add_(b_c).add_(b0[others].sum())
+        part = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
+        total = w * part if total is None else total.add_(part, alpha=w)
+        weight += w
+    reward = total / weight  # [M + 1]: after j = 0..M moves
+    # Tied thresholds move together: only the last move of a tie group is a reachable state.
+    last_of_group = torch.ones(m + 1, dtype=torch.bool, device=dev)
+    if m > 1:
+        last_of_group[1:m] = tau_s[1:] > tau_s[:-1]
+    return tau_s[last_of_group[1:]], reward[last_of_group]
+
+
+def line_search(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
+                label_area: torch.Tensor, current: float, current_reward: float, bound: float | None = None,
+                tol: float = 1e-12) -> LineSearch:
+    """The exact best offset of class ``c`` (see :func:`reward_curve` for the arguments).
+
+    ``current`` is ``b_c`` now and ``current_reward`` the reward of the offsets as they are: the
+    offset stays unless an interval beats it by more than ``tol``, so a step never lowers the reward.
+    """
+    cut, reward = reward_curve(form, tau, src, target, c, label_area)
+    x, r = _best_interval(reward, cut, current, current_reward, bound, tol)
+    return LineSearch(offset=x, reward=r, start_reward=current_reward)
+
+
+def check_count_form(spec, num_classes: int, class_weights=None) -> CountReward:
+    """The counts form of ``spec`` or a one-line error saying calibration needs a count reward."""
+    from segreward.credit import count_form
+    try:
+        return count_form(spec, num_classes, class_weights)
+    except SegrewardError as e:
+        raise SegrewardError(str(e).replace("which estimator 'local' and scope 'running' need",
+                                            "which calibration needs")) from None
