@@ -106,28 +106,29 @@ def run_reward_stage(work: Path, s: DemoSettings, seed: int, method: str, name: 
     rl = train(config_from_dict(_stage_config(
         name, work, s, seed, data["target"], s.extra_iters, stage="tune",
         checkpoint=work / "ce_finetuned" / "model.safetensors", loss=dict(METHODS[method][0]), lr=s.tune_lr,
-        schedule="constant", progress=progress)))
+        schedule="constant", progress=progress)), overwrite=True)
     return _scores(rl["val"])
 
 
 def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True, with_reward: bool = True) -> dict:
     """The four stages for one seed (the last one only if ``with_reward``); returns
-    ``{stage: {"target": scores, "source": scores}}``."""
+    ``{stage: {"target": scores, "source": scores}}``. The demo's own stage folders are replaced
+    (``overwrite=True``): running the demo again just works."""
     data = _data(s, seed)
     results = {}
     pre = train(config_from_dict(_stage_config(
         "source_only", work, s, seed, data["source"], s.pretrain_iters, stage="pretrain", checkpoint=None,
-        loss={"type": "ce"}, lr=3e-3, schedule="poly", progress=progress)))
+        loss={"type": "ce"}, lr=3e-3, schedule="poly", progress=progress)), overwrite=True)
     results["source_only"] = _scores(pre["val"])
     ft = train(config_from_dict(_stage_config(
         "ce_finetuned", work, s, seed, data["target"], s.finetune_iters, stage="tune",
         checkpoint=work / "source_only" / "model.safetensors", loss={"type": "ce"}, lr=1e-3, schedule="poly",
-        progress=progress)))
+        progress=progress)), overwrite=True)
     results["ce_finetuned"] = _scores(ft["val"])
     extra = train(config_from_dict(_stage_config(
         "extra_ce", work, s, seed, data["target"], s.extra_iters, stage="tune",
         checkpoint=work / "ce_finetuned" / "model.safetensors", loss={"type": "ce"}, lr=s.tune_lr,
-        schedule="constant", progress=progress)))
+        schedule="constant", progress=progress)), overwrite=True)
     results["extra_ce"] = _scores(extra["val"])
     if with_reward:
         results["reward_tuned"] = run_reward_stage(work, s, seed, s.method, progress=progress)
@@ -224,8 +225,10 @@ def _plot_examples(work: Path, s: DemoSettings, seed: int, out: Path, n: int = 3
 def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, progress: bool = True,
              method: str = DEFAULT_METHOD) -> dict:
     """Run the demo; returns ``{"per_seed": ..., "table": str, "report": path, "runtime_s": float}``."""
+    from segreward.outputs import atomic_save, atomic_write_text, ensure_dir
+
     s = DemoSettings.quick(method=method) if quick else DemoSettings(method=method)
-    out = Path(out)
+    out = ensure_dir(out, "--out")
     t0 = time.perf_counter()
     per_seed = {}
     for seed in seeds:
@@ -233,12 +236,12 @@ def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, pro
     runtime = time.perf_counter() - t0
     table = summary_table(per_seed)
     first = out / f"seed{seeds[0]}"
-    _plot_curves(first, out / "miou_curves.png")
-    _plot_examples(first, s, int(seeds[0]), out / "examples.png")
+    atomic_save(out / "miou_curves.png", lambda tmp: _plot_curves(first, tmp))
+    atomic_save(out / "examples.png", lambda tmp: _plot_examples(first, s, int(seeds[0]), tmp))
     command = ("segreward demo" + (" --quick" if quick else "") + (f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != (0,) else "")
                + (f" --method {method}" if method != DEFAULT_METHOD else ""))
     report = out / "report.md"
-    report.write_text(
+    atomic_write_text(report,
         f"# segreward demo\n\nCommand: `{command}` — {runtime / 60:.1f} min.\n\n"
         f"Synthetic street scenes, {s.size[0]}x{s.size[1]}: source = day ({s.n_source} labelled), target = dusk "
         f"({s.n_target_labelled} labelled for fine-tuning, {s.n_eval} held out); the target stages train on the "
@@ -247,6 +250,6 @@ def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, pro
         f"either cross-entropy or reward tuning (`{s.method}`: {METHODS[s.method][1]}; Adam lr {s.tune_lr}), "
         f"both from the same CE fine-tuned checkpoint.\n\n{table}\n\n"
         f"![mIoU per stage](miou_curves.png)\n\n![example predictions on held-out dusk images](examples.png)\n")
-    (out / "results.json").write_text(json.dumps({"settings": s.__dict__, "per_seed": per_seed, "runtime_s": runtime},
+    atomic_write_text(out / "results.json", json.dumps({"settings": s.__dict__, "per_seed": per_seed, "runtime_s": runtime},
                                                  indent=1, default=list))
     return {"per_seed": per_seed, "table": table, "report": str(report), "runtime_s": runtime}

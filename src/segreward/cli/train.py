@@ -11,7 +11,10 @@ def register(sub) -> None:
                                    "train.iters=200. Multi-process: torchrun --nproc_per_node=N -m segreward train ...")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-4")
-    p.add_argument("--resume", action="store_true", help="continue from <work_dir>/checkpoints/last.pt if it exists")
+    p.add_argument("--resume", action="store_true", help="continue the run in the work dir from its "
+                   "checkpoints/last.pt (without one: start from scratch and say so)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in the work dir (its "
+                   "checkpoints, weights, summary, log and config), once the config and data have been checked")
     p.add_argument("--work-dir", help="run directory (default: the config's work_dir, else runs/<name>)")
     p.set_defaults(func=run)
 
@@ -21,7 +24,7 @@ def run(args) -> int:
 
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
     cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     for name, scores in result["val"].items():

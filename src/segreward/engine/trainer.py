@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -138,12 +139,12 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _load_start_weights(model: nn.Module, path: str, num_classes: int) -> None:
+def _load_start_weights(model: nn.Module, path: str, num_classes: int, strict: bool = True) -> None:
     from segreward.models import load_weights
-    load_weights(model, path)
+    load_weights(model, path, strict=strict)
 
 
-def train(cfg: Config, resume: bool = False, datasets: dict | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, datasets: dict | None = None, overwrite: bool = False) -> dict:
     """Run one stage; returns ``{"work_dir", "step", "val": {name: scores}, "num_classes", "classes"}``.
 
     ``datasets``: ``{"train": Dataset, "val": {name: Dataset}}``, either part optional; a given
@@ -151,12 +152,33 @@ def train(cfg: Config, resume: bool = False, datasets: dict | None = None) -> di
     ``with_transform`` (:class:`~segreward.data.memory.InMemoryDataset`) gets the trainer's
     augmentation (``train.augment``); any other dataset is used as it is. Under DDP every rank
     passes its own (equal) datasets; ``resume=True`` needs the same datasets again.
+
+    A work_dir that already holds a run is never reused silently: ``resume=True`` continues it
+    from its last checkpoint, ``overwrite=True`` removes the old run's files and starts again;
+    otherwise the run is refused. Nothing is written before the config, the data, the model and
+    the checkpoint to resume have been checked.
     """
+    if resume and overwrite:
+        raise SegrewardError("--resume and --overwrite contradict each other; pass one of them")
+    check_device(cfg.train.device)
     info = D.setup(cfg.train.device)
     try:
-        return _train(cfg, resume, info, datasets)
+        return _train(cfg, resume, info, datasets, overwrite)
     finally:
         D.teardown()
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have, naming the ones it has."""
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        have.append("mps")
+    if name == "auto" or name == "cpu" or name in have or (name == "cuda" and len(have) > 1 and "cuda:0" in have):
+        return
+    raise SegrewardError(f"train.device = {name!r} is not available on this machine"
+                         f"{' (this torch build has no CUDA)' if name.startswith('cuda') and not torch.backends.cuda.is_built() else ''}; "
+                         f"available: auto, {', '.join(have)}")
 
 
 def _build_datasets(cfg: Config, given: dict | None) -> tuple[Dataset, dict]:
@@ -194,191 +216,354 @@ def _snapshot(cfg: Config, given: dict | None) -> dict:
     return out
 
 
-def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = None) -> dict:
-    tc = cfg.train
-    if tc.amp == "fp16" and info.device.type != "cuda":
-        raise SegrewardError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
-    if tc.batch_size % (info.world_size * tc.accumulate):
-        raise SegrewardError(f"train.batch_size={tc.batch_size} must be divisible by world size ({info.world_size}) "
-                             f"x train.accumulate ({tc.accumulate})")
-    work = Path(cfg.work_dir)
-    ckpt_path = work / "checkpoints" / "last.pt"
+# Files and folders of a run in its work_dir: what --overwrite removes, and what makes a folder
+# "hold a run" that is never reused silently.
+RUN_FILES = ("config.yaml", "checkpoints", "model.safetensors", "model_meta.json", "summary.json", "vis_data")
 
-    # --- data, model, loss ---
-    torch.manual_seed(cfg.seed)
-    train_set, val_sets = _build_datasets(cfg, datasets)
-    snapshot = _snapshot(cfg, datasets)
-    num_classes, ignore_index, classes = dataset_info(train_set)
-    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
-        raise SegrewardError(f"model.num_classes={cfg.model.num_classes} but the training data has {num_classes} classes")
-    from segreward.models import build_model
-    model = build_model(cfg.model.name, num_classes, **cfg.model.options)
-    if cfg.model.checkpoint:
-        _load_start_weights(model, cfg.model.checkpoint, num_classes)
-    model.to(info.device)
-    # The starting model, frozen: the anchor of loss.kl_weight. Copied before a resume loads the
-    # run's weights; the checkpoint keeps it too, so a resumed run uses the very same anchor.
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.kl_weight > 0 else None
-    loss_fn, loss_name = build_loss(cfg, num_classes, ignore_index)
-    loss_fn.to(info.device)
-    net = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None) if info.enabled else model
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, tc.iters)
-    scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
 
-    # --- resume ---
-    start, state = 0, None
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "loss" in state:
-            loss_fn.load_state_dict(state["loss"], strict=False)
-        if reference is not None and "reference" in state:
-            reference.load_state_dict(state["reference"])
-        start = int(state["step"])
-        set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
-    else:
-        torch.manual_seed(cfg.seed + 1000 * info.rank)  # samples differ by rank; the model does not (DDP syncs it)
-    if start >= tc.iters:
-        raise SegrewardError(f"{ckpt_path}: this run already finished ({start} of {tc.iters} iterations); "
-                             "raise train.iters to continue it")
+def existing_run(work: Path) -> list[str]:
+    """The run files already in ``work`` (empty: the folder is free to use)."""
+    return [name for name in RUN_FILES if (work / name).exists() or (work / name).is_symlink()]
 
-    teacher = None
-    if cfg.pseudo_label.enabled:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        if state is not None and "teacher" in state:
-            teacher.load_state_dict(state["teacher"])
 
-    writer = None
-    if info.is_main:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "config.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
-        from segreward.runlog import RunWriter
-        writer = RunWriter(work, tensorboard=tc.tensorboard)
+def prepare_run_dir(work: Path, resume: bool, overwrite: bool) -> bool:
+    """Check (and with ``overwrite`` clear) the run folder before anything is written; returns
+    whether the run continues from ``checkpoints/last.pt``. A one-line error names the folder
+    and the choices when it holds a run that is neither resumed nor to be replaced."""
+    import shutil
+    from segreward.outputs import ensure_dir
 
-    sampler = _GlobalBatches(len(train_set), tc.batch_size, start, tc.iters, cfg.seed, info.rank,
-                             info.world_size, tc.accumulate)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
-    batches = iter(loader)
+    if work.exists() and not work.is_dir():
+        raise SegrewardError(f"work_dir {work}: is a file, not a folder; choose another --work-dir")
+    found = existing_run(work)
+    ckpt = work / "checkpoints" / "last.pt"
+    if resume and ckpt.exists():
+        ensure_dir(work, "work_dir")
+        return True
+    if found and not overwrite:
+        if resume:
+            raise SegrewardError(f"work_dir {work}: holds a run ({', '.join(found)}) but no checkpoint to resume "
+                                 f"from ({ckpt}); pass --overwrite to start it again, or choose another --work-dir")
+        raise SegrewardError(f"work_dir {work}: already holds a run ({', '.join(found)}); pass --resume to continue "
+                             "it, --overwrite to replace it, or choose another --work-dir")
+    if resume:
+        print(f"segreward: note: --resume: no checkpoint at {ckpt}; starting from scratch", file=sys.stderr)
+    ensure_dir(work, "work_dir")
+    for name in found:  # overwrite: the old run's files go first, so nothing of it mixes with the new one
+        path = work / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return False
 
-    def save_checkpoint(step: int) -> None:
+
+class _Stage:
+    """One stage of training, in the order it runs: :meth:`setup` (data, model, loss, optimiser;
+    nothing written), :meth:`restore` (resume or seed), :meth:`open_run_dir` (the first write),
+    :meth:`run` (the step loop with evaluation and checkpoints), :meth:`finish` (the end of the
+    stage: final weights and summary)."""
+
+    def __init__(self, cfg: Config, info: D.DistInfo, datasets: dict | None):
+        self.cfg, self.info, self.given = cfg, info, datasets
+        self.tc = cfg.train
+        self.work = Path(cfg.work_dir)
+        self.ckpt_path = self.work / "checkpoints" / "last.pt"
+        self.writer = None
+        self.teacher = None
+        self.results: dict = {}
+        self.start = 0
+
+    # --- set-up: everything that can fail on the config or the data, before any write ---
+    def setup(self) -> None:
+        cfg, tc, info = self.cfg, self.tc, self.info
+        if tc.amp == "fp16" and info.device.type != "cuda":
+            raise SegrewardError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
+        if tc.batch_size % (info.world_size * tc.accumulate):
+            raise SegrewardError(f"train.batch_size={tc.batch_size} must be divisible by world size ({info.world_size}) "
+                                 f"x train.accumulate ({tc.accumulate})")
+        torch.manual_seed(cfg.seed)
+        self.train_set, self.val_sets = _build_datasets(cfg, self.given)
+        self.snapshot = _snapshot(cfg, self.given)
+        self.num_classes, self.ignore_index, self.classes = dataset_info(self.train_set)
+        if cfg.model.num_classes is not None and cfg.model.num_classes != self.num_classes:
+            raise SegrewardError(f"model.num_classes={cfg.model.num_classes} but the training data has "
+                                 f"{self.num_classes} classes")
+        from segreward.models import build_model
+        model = build_model(cfg.model.name, self.num_classes, **cfg.model.options)
+        if cfg.model.checkpoint:
+            _load_start_weights(model, cfg.model.checkpoint, self.num_classes, strict=cfg.model.checkpoint_strict)
+        model.to(info.device)
+        self.model = model
+        # The starting model, frozen: the anchor of loss.kl_weight. Copied before a resume loads the
+        # run's weights; the checkpoint keeps it too, so a resumed run uses the very same anchor.
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.kl_weight > 0 else None
+        self.loss_fn, self.loss_name = build_loss(cfg, self.num_classes, self.ignore_index)
+        self.loss_fn.to(info.device)
+        self.net = (DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+                    if info.enabled else model)
+        self.optimizer = build_optimizer(model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.iters)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
+
+    # --- resume (or a fresh start) ---
+    def restore(self, resume: bool) -> None:
+        state = None
+        if resume and self.ckpt_path.exists():
+            state = load_checkpoint(self.ckpt_path)
+            self._load_state(state)
+            self.start = int(state["step"])
+            rng = state["rng"]
+            set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+        else:
+            # samples differ by rank; the model does not (DDP syncs it)
+            torch.manual_seed(self.cfg.seed + 1000 * self.info.rank)
+        if self.start >= self.tc.iters:
+            raise SegrewardError(f"{self.ckpt_path}: this run already finished ({self.start} of {self.tc.iters} "
+                                 "iterations); raise train.iters to continue it")
+        if self.cfg.pseudo_label.enabled:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if state is not None and "teacher" in state:
+                self.teacher.load_state_dict(state["teacher"])
+
+    def _load_state(self, state: dict) -> None:
+        """Load a checkpoint of this run; a model of another shape is one line naming the keys."""
+        where = self.ckpt_path
+        own = self.model.state_dict()
+        saved = state.get("model", {})
+        missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        shapes = [k for k in sorted(set(own) & set(saved)) if tuple(own[k].shape) != tuple(saved[k].shape)]
+        if missing or unexpected or shapes:
+            parts = [f"{len(v)} {n} (e.g. {', '.join(v[:3])})" for n, v in
+                     (("missing keys", missing), ("unexpected keys", unexpected)) if v]
+            if shapes:
+                k = shapes[0]
+                parts.append(f"{len(shapes)} keys with other shapes (e.g. {k}: checkpoint {tuple(saved[k].shape)}, "
+                             f"model {tuple(own[k].shape)})")
+            raise SegrewardError(f"{where}: --resume with another model: {'; '.join(parts)}; resume with the "
+                                 "config the run was started with, or start a new run (another --work-dir)")
+        try:
+            self.model.load_state_dict(saved)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if "loss" in state:
+                self.loss_fn.load_state_dict(state["loss"], strict=False)
+            if self.reference is not None and "reference" in state:
+                self.reference.load_state_dict(state["reference"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SegrewardError(f"{where}: cannot resume from this checkpoint ({first}); resume with the config "
+                                 "the run was started with, or start a new run (another --work-dir)") from None
+
+    # --- the first write: the run folder, config.yaml, the log ---
+    def open_run_dir(self, resume: bool, overwrite: bool) -> None:
+        info = self.info
+        error = None
+        if info.is_main:
+            try:
+                prepare_run_dir(self.work, resume, overwrite)
+            except SegrewardError as e:
+                error = e
+        if D.broadcast_flag(error is not None, info):
+            raise error or SegrewardError(f"work_dir {self.work}: refused by the main process (see its message)")
+        if info.is_main:
+            from segreward.outputs import atomic_write_text
+            from segreward.runlog import RunWriter
+            self._created = [n for n in ("config.yaml", "vis_data") if not (self.work / n).exists()]
+            atomic_write_text(self.work / "config.yaml", yaml.safe_dump(self.snapshot, sort_keys=False))
+            self.writer = RunWriter(self.work, tensorboard=self.tc.tensorboard)
+
+    def discard_if_empty(self) -> None:
+        """After a failure: remove what this run created if it logged nothing and saved no
+        checkpoint (a folder with only config.yaml and an empty log is not a run)."""
+        import shutil
+        if not self.info.is_main or self.ckpt_path.exists():
+            return
+        log = self.work / "vis_data" / "scalars.json"
+        if log.exists() and log.stat().st_size > 0:
+            return
+        for name in getattr(self, "_created", ()):
+            path = self.work / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # --- checkpoints and evaluation ---
+    def save_checkpoint(self, step: int) -> None:
+        info = self.info
         states = [rng_state()]
         if info.enabled:  # every rank's RNG, so a resumed DDP run draws the same samples
             gathered = [None] * info.world_size
             torch.distributed.all_gather_object(gathered, states[0])
             states = gathered
         if info.is_main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "step": step,
-                         "rng": states, "config": snapshot,
-                         **({"teacher": teacher.state_dict()} if teacher is not None else {}),
-                         **({"reference": reference.state_dict()} if reference is not None else {}),
-                         "meta": {"num_classes": num_classes, "classes": classes}}, ckpt_path)
+            atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(), "step": step,
+                         "rng": states, "config": self.snapshot,
+                         **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {}),
+                         **({"reference": self.reference.state_dict()} if self.reference is not None else {}),
+                         "meta": {"num_classes": self.num_classes, "classes": self.classes}}, self.ckpt_path)
 
-    eval_batch = max(1, tc.batch_size // info.world_size)
-
-    def run_eval(step: int) -> dict:
+    def run_eval(self, step: int) -> dict:
+        eval_batch = max(1, self.tc.batch_size // self.info.world_size)
         results = {}
-        for name, ds in val_sets.items():
-            results[name] = evaluate(model, ds, num_classes, ignore_index, batch_size=eval_batch, info=info, amp=tc.amp)
-        if writer is not None:
+        for name, ds in self.val_sets.items():
+            results[name] = evaluate(self.model, ds, self.num_classes, self.ignore_index, batch_size=eval_batch,
+                                     info=self.info, amp=self.tc.amp)
+        if self.writer is not None:
             line = {}
             for j, (name, s) in enumerate(results.items()):
                 prefix = "" if j == 0 else f"{name}/"
                 line.update({f"{prefix}{k}": round(s[k], 4) for k in ("aAcc", "mIoU", "mAcc", "mDice")})
-            writer.log(step, line, mode="val")
+            self.writer.log(step, line, mode="val")
         return results
 
-    bar = tqdm(total=tc.iters, initial=start, desc=f"{cfg.name} [{cfg.stage}]", disable=not (info.is_main and tc.progress),
-               dynamic_ncols=True)
-    results: dict = {}
-    t_last, last_logged = time.perf_counter(), start
-    data_time = 0.0
-    model.train()
-    for step in range(start, tc.iters):
-        total = torch.zeros((), device=info.device)
-        base_total, kl_total = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
+    # --- one optimisation step ---
+    def train_step(self, batches) -> dict:
+        """One iteration (``train.accumulate`` micro-batches); returns the detached totals."""
+        cfg, tc, info = self.cfg, self.tc, self.info
+        zero = lambda: torch.zeros((), device=info.device)  # noqa: E731
+        out = {"total": zero(), "base": zero(), "kl": zero(), "labelled": zero(), "data_time": 0.0}
         for micro in range(tc.accumulate):
             t0 = time.perf_counter()
             x, y = next(batches)
-            data_time += time.perf_counter() - t0
+            out["data_time"] += time.perf_counter() - t0
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            if teacher is not None:
-                y = pseudo_labels(teacher, x, y.shape[-2:], cfg.pseudo_label.threshold, ignore_index)
+            if self.teacher is not None:
+                y = pseudo_labels(self.teacher, x, y.shape[-2:], cfg.pseudo_label.threshold, self.ignore_index)
+            out["labelled"] += (y != self.ignore_index).sum()
             last_micro = micro == tc.accumulate - 1
             # Only the last micro-step all-reduces gradients (require_backward_grad_sync).
-            sync = net.no_sync() if (info.enabled and not last_micro) else contextlib.nullcontext()
+            sync = self.net.no_sync() if (info.enabled and not last_micro) else contextlib.nullcontext()
             with sync:
                 with _autocast(info.device, tc.amp):
-                    logits = net(x)
-                loss = loss_fn(logits.float(), y)
-                base_total += loss.detach() / tc.accumulate
-                if reference is not None:
+                    logits = self.net(x)
+                loss = self.loss_fn(logits.float(), y)
+                out["base"] += loss.detach() / tc.accumulate
+                if self.reference is not None:
                     with torch.no_grad(), _autocast(info.device, tc.amp):
-                        ref_logits = reference(x)
+                        ref_logits = self.reference(x)
                     kl = kl_to_reference(logits, ref_logits)
-                    kl_total += kl.detach() / tc.accumulate
+                    out["kl"] += kl.detach() / tc.accumulate
                     loss = loss + cfg.loss.kl_weight * kl
                 loss = loss / tc.accumulate
-                scaler.scale(loss).backward()
-            total += loss.detach()
-        if D.broadcast_flag(not bool(torch.isfinite(total)), info):
-            if writer is not None:
-                writer.close()
-            bar.close()
-            kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-            raise SegrewardError(f"the loss became {float(total)} at iteration {step + 1}; the run stopped and "
-                                 f"{kept}. Lower optim.lr, set optim.grad_clip, or check the data")
+                self.scaler.scale(loss).backward()
+            out["total"] += loss.detach()
+        out["y"] = y
+        return out
+
+    def _non_finite(self, step: int, out: dict) -> SegrewardError:
+        kept = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists()
+                else "no checkpoint was written yet")
+        total = float(out["total"])
+        if int(out["labelled"]) == 0:
+            why = (f"every pseudo-label is below pseudo_label.threshold={self.cfg.pseudo_label.threshold}"
+                   if self.teacher is not None else f"every label is the ignore index {self.ignore_index}")
+            return SegrewardError(f"the loss became {total} at iteration {step + 1}: no pixel of the batch has a "
+                                  f"label ({why}); the run stopped and {kept}. Check the data"
+                                  + (" or lower pseudo_label.threshold" if self.teacher is not None else ""))
+        return SegrewardError(f"the loss became {total} at iteration {step + 1}; the run stopped and {kept}. "
+                              "Lower optim.lr, set optim.grad_clip, or check the data")
+
+    def _optimizer_step(self) -> float:
+        cfg = self.cfg
         if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if teacher is not None and cfg.pseudo_label.teacher == "ema":
-            ema_update(teacher, model, cfg.pseudo_label.ema_momentum)
-        done = step + 1
-        bar.update(1)
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None and cfg.pseudo_label.teacher == "ema":
+            ema_update(self.teacher, self.model, cfg.pseudo_label.ema_momentum)
+        return lr
 
-        if writer is not None and (done % tc.log_every == 0 or done == tc.iters):
-            now = time.perf_counter()
-            n_iters = done - last_logged
-            line = {"lr": lr, "data_time": data_time / n_iters, "loss": float(total), loss_name: float(base_total)}
-            line.update(getattr(loss_fn, "diagnostics", {}))
-            if reference is not None:
-                line["kl"] = float(kl_total)
-            if teacher is not None:
-                line["pseudo_fraction"] = float((y != ignore_index).float().mean())
-            line["time"] = (now - t_last) / n_iters
-            if info.device.type == "cuda":
-                line["memory"] = int(torch.cuda.max_memory_allocated() // 2**20)
-            writer.log(done, line, mode="train")
-            t_last, last_logged, data_time = now, done, 0.0
-            bar.set_postfix(loss=f"{float(total):.4f}", refresh=False)
-        if done % tc.eval_every == 0 or done == tc.iters:
-            results = run_eval(done)
-            first = next(iter(results.values()), None)
-            if first is not None:
-                bar.set_postfix(loss=f"{float(total):.4f}", mIoU=f"{first['mIoU']:.2f}", refresh=False)
-        if done % tc.checkpoint_every == 0 or done == tc.iters:
-            save_checkpoint(done)
-    bar.close()
+    def _log_train(self, done: int, out: dict, lr: float, since: tuple[float, int], data_time: float) -> None:
+        t_last, last_logged = since
+        now = time.perf_counter()
+        n_iters = done - last_logged
+        total = float(out["total"])
+        line = {"lr": lr, "data_time": data_time / n_iters, "loss": total, self.loss_name: float(out["base"])}
+        line.update(getattr(self.loss_fn, "diagnostics", {}))
+        if self.reference is not None:
+            line["kl"] = float(out["kl"])
+        if self.teacher is not None:
+            line["pseudo_fraction"] = float((out["y"] != self.ignore_index).float().mean())
+        line["time"] = (now - t_last) / n_iters
+        if self.info.device.type == "cuda":
+            line["memory"] = int(torch.cuda.max_memory_allocated() // 2**20)
+        self.writer.log(done, line, mode="train")
 
-    if info.is_main:
-        from segreward.models import save_weights
-        spec = dict(getattr(model, "segreward_spec", {}))
-        save_weights(model, work / "model.safetensors", meta={**spec, "classes": classes, "run": cfg.name,
-                                                              "stage": cfg.stage, "step": tc.iters})
-        summary = {"step": tc.iters, "val": {k: {m: v[m] for m in ("aAcc", "mIoU", "mAcc", "mDice", "IoU")}
-                                             for k, v in results.items()}}
-        (work / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
-    if writer is not None:
-        writer.close()
-    return {"work_dir": str(work), "step": tc.iters, "val": results, "num_classes": num_classes, "classes": classes}
+    # --- the step loop ---
+    def run(self) -> None:
+        cfg, tc, info = self.cfg, self.tc, self.info
+        sampler = _GlobalBatches(len(self.train_set), tc.batch_size, self.start, tc.iters, cfg.seed, info.rank,
+                                 info.world_size, tc.accumulate)
+        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=tc.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
+        batches = iter(loader)
+        bar = tqdm(total=tc.iters, initial=self.start, desc=f"{cfg.name} [{cfg.stage}]",
+                   disable=not (info.is_main and tc.progress), dynamic_ncols=True)
+        since, data_time = (time.perf_counter(), self.start), 0.0
+        self.model.train()
+        try:
+            for step in range(self.start, tc.iters):
+                out = self.train_step(batches)
+                data_time += out["data_time"]
+                if D.broadcast_flag(not bool(torch.isfinite(out["total"])), info):
+                    raise self._non_finite(step, out)
+                lr = self._optimizer_step()
+                done = step + 1
+                bar.update(1)
+                if self.writer is not None and (done % tc.log_every == 0 or done == tc.iters):
+                    self._log_train(done, out, lr, since, data_time)
+                    since, data_time = (time.perf_counter(), done), 0.0
+                    bar.set_postfix(loss=f"{float(out['total']):.4f}", refresh=False)
+                if done % tc.eval_every == 0 or done == tc.iters:
+                    self.results = self.run_eval(done)
+                    first = next(iter(self.results.values()), None)
+                    if first is not None:
+                        bar.set_postfix(loss=f"{float(out['total']):.4f}", mIoU=f"{first['mIoU']:.2f}", refresh=False)
+                if done % tc.checkpoint_every == 0 or done == tc.iters:
+                    self.save_checkpoint(done)
+        finally:
+            bar.close()
+
+    # --- the end of a stage: final weights and summary (a post-stage step goes after this) ---
+    def finish(self) -> dict:
+        cfg, tc = self.cfg, self.tc
+        if self.info.is_main:
+            from segreward.models import save_weights
+            from segreward.outputs import atomic_write_text
+            spec = dict(getattr(self.model, "segreward_spec", {}))
+            save_weights(self.model, self.work / "model.safetensors",
+                         meta={**spec, "classes": self.classes, "run": cfg.name, "stage": cfg.stage, "step": tc.iters})
+            summary = {"step": tc.iters, "val": {k: {m: v[m] for m in ("aAcc", "mIoU", "mAcc", "mDice", "IoU")}
+                                                 for k, v in self.results.items()}}
+            atomic_write_text(self.work / "summary.json", json.dumps(summary, indent=1, allow_nan=True))
+        return {"work_dir": str(self.work), "step": tc.iters, "val": self.results, "num_classes": self.num_classes,
+                "classes": self.classes}
 
 
+def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = None,
+           overwrite: bool = False) -> dict:
+    stage = _Stage(cfg, info, datasets)
+    stage.setup()
+    stage.restore(resume)
+    stage.open_run_dir(resume, overwrite)
+    try:
+        stage.run()
+        result = stage.finish()
+    except BaseException:
+        stage.close()
+        stage.discard_if_empty()
+        raise
+    stage.close()
+    return result
