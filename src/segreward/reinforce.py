@@ -16,6 +16,12 @@ change of flipping one pixel to each class is computed exactly, so the gradient 
 noise from the other pixels' samples. ``scope`` says what one reward is computed over: one
 image, the whole batch (all-reduced under DDP), or the batch plus discounted counts of earlier
 batches (``running``, closest to the dataset-level mIoU that is evaluated).
+
+Layout: the math is in pure functions (:func:`compute_advantages`, :func:`local_surrogate`,
+``_scope_counts``, ``_callable_rewards``, ``_prepare``); each estimator is one small object
+(``_SampleEstimator``, ``_LocalEstimator``) that turns prepared logits and labels into a loss and
+its diagnostics; :class:`ReinforceLoss` stores the settings and the state that checkpoints carry
+(``ema``, ``running_counts``), validates, adds the cross-entropy anchor and dispatches.
 """
 
 from __future__ import annotations
@@ -129,6 +135,35 @@ def compute_advantages(rewards: torch.Tensor, baseline: str = "loo", greedy_rewa
     return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _scope_counts(samples: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int,
+                  pooled: bool, sync: bool) -> torch.Tensor:
+    """Counts ``[K, G, C, 3]`` (float64) that each reward of samples ``[K, B, H, W]`` is computed over:
+    per image (``G = B``), or ``pooled`` over the batch (``G = 1``; all-reduced across DDP ranks
+    when ``sync``)."""
+    k, b = samples.shape[:2]
+    flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
+    cnt = counts(samples.reshape(-1, *target.shape[1:]), flat_target, num_classes, ignore_index)
+    cnt = cnt.view(k, b, num_classes, 3).to(torch.float64)
+    if not pooled:
+        return cnt
+    cnt = cnt.sum(1, keepdim=True)
+    if sync:
+        _all_reduce(cnt)
+    return cnt
+
+
+def _callable_rewards(reward_fn, samples: torch.Tensor, target: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` from a reward callable ``fn(pred, target) ->
+    Tensor[N]``: per image (``G = B``, one call on the ``K * B`` images), or ``pooled`` (``G = 1``:
+    the batch as one tall image per sample)."""
+    k, b = samples.shape[:2]
+    if not pooled:
+        flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
+        return reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(k, b).float()
+    w = target.shape[-1]
+    return reward_fn(samples.reshape(k, -1, w), target.reshape(1, -1, w).expand(k, -1, -1)).reshape(k, 1).float()
+
+
 def _prepare(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int):
     """Validate shapes and label values; return ``(logits, target, mask)``: logits upsampled
     (bilinearly, once) to the label size, the label as ``[B, H, W]`` long, and its labelled pixels."""
@@ -154,6 +189,103 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignor
     return logits, target, target != ignore_index
 
 
+class _SampleEstimator:
+    """Estimator ``sample``: draw K segmentations with the loss's sampler, score each with the
+    reward at the loss's scope, compare with the baseline and step along
+    ``-(advantage * log pi(sample) / labelled pixels)``. Updates the loss's ``ema`` (whatever the
+    baseline, so it can be logged and switched to) and, at scope ``running`` in training, its
+    running counts."""
+
+    name = "sample"
+
+    def __call__(self, loss: ReinforceLoss, logits: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        pooled = loss.scope != "image"
+        samples, log_prob = loss.sampler(logits, loss.k, mask)  # [K, B, H, W], [K, B]
+        if pooled:
+            # One reward per sample of the whole (global) batch: the batch is one image.
+            log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
+        with torch.no_grad():
+            before = loss.running_counts.clone() if loss.scope == "running" else None
+            rewards = loss._rewards(samples, target, fold=True)  # [K, B] or [K, 1]
+            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
+            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
+            greedy = loss._rewards(logits.max(1).indices.unsqueeze(0), target, running=before)[0]
+            if not pooled:
+                n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
+            else:
+                n_valid = mask.sum().to(log_prob.dtype).reshape(1)
+                if loss.sync:
+                    _all_reduce(n_valid)
+                n_valid = n_valid.clamp_min(1)
+            ema = None if torch.isnan(loss.ema) else loss.ema
+            adv = compute_advantages(rewards, loss.baseline, greedy, ema, loss.normalize)
+            m = loss.ema_momentum
+            batch_mean = rewards.mean()
+            loss.ema.copy_(batch_mean if ema is None else m * loss.ema + (1 - m) * batch_mean)
+        value = -(adv * log_prob / n_valid).mean()
+        if pooled and loss.sync:
+            value = value * _world_size()  # DDP averages the ranks' parts of one global sample
+        with torch.no_grad():
+            logp = F.log_softmax(logits.float() / loss.temperature, dim=1)
+            entropy = _entropy(logp.exp(), logp, mask)
+        return value, {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(0).mean()) if loss.k > 1 else 0.0,
+            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+            "greedy_reward": float(greedy.mean()),
+            "entropy": entropy,
+        }
+
+
+class _LocalEstimator:
+    """Estimator ``local``: draw K segmentations from the factorised policy, compute every
+    labelled pixel's exact credit for every class against the counts at the loss's scope, and
+    return the surrogate ``-sum p * credit`` (:func:`local_surrogate`). At scope ``running`` in
+    training it folds the samples' counts into the loss's running counts."""
+
+    name = "local"
+
+    def __call__(self, loss: ReinforceLoss, logits: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        z = (logits if logits.dtype == torch.float64 else logits.float()) / loss.temperature
+        with torch.no_grad():
+            # softmax by hand, to keep log-sum-exp for the entropy: lse = max + log(sum exp(z - max))
+            top = z.amax(1, keepdim=True)
+            p = (z - top).exp_()
+            total = p.sum(1, keepdim=True)
+            p.div_(total)
+            lse = total.log_().add_(top)[:, 0]
+            samples, argmax = draw_from_probs(p, loss.k, loss.sampler.generator, with_argmax=True)  # [K, B, H, W]
+            greedy = loss._rewards(argmax.unsqueeze(0), target)  # before the running update
+            cnt = loss._with_running(loss._batch_counts(samples, target))
+            rewards = reward_from_counts(loss.form, cnt[..., 0], cnt[..., 1], cnt[..., 2])  # [K, G]
+        per_group, credit = local_surrogate(z, samples, target, loss.form, cnt, loss.ignore_index, probs=p)
+        if loss.scope == "image":
+            value = per_group.mean()  # gradient of the mean per-image expected reward
+        else:
+            # The gradient of the global batch's reward is the sum over ranks; DDP averages, so scale.
+            value = per_group.sum() * (_world_size() if loss.sync else 1)
+        with torch.no_grad():
+            n = mask.sum().clamp_min(1)
+            label_credit = credit.gather(1, target.clamp(0, loss.num_classes - 1).unsqueeze(1))[:, 0]
+            diagnostics = {
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std(0).mean()) if loss.k > 1 else 0.0,
+                "greedy_reward": float(greedy.mean()),
+                # mean |R(y_i := c) - R(y)| over labelled pixels and the C - 1 alternatives
+                "credit_abs": float(torch.linalg.vector_norm(credit, 1) / (n * max(1, loss.num_classes - 1))),
+                # share of labelled pixels where switching to the label class would raise the reward
+                "credit_label_pos": float(((label_credit > 0) & mask).sum() / n),
+                # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
+                "entropy": float(((lse - (p * z).sum(1)) * mask).sum() / n),
+            }
+        return value, diagnostics
+
+
+_ESTIMATORS = {"sample": _SampleEstimator, "local": _LocalEstimator}
+
+
 class ReinforceLoss(nn.Module):
     """Minimising this loss maximises the expected task reward of sampled segmentations.
 
@@ -162,6 +294,10 @@ class ReinforceLoss(nn.Module):
     an anchor. After each call, ``module.diagnostics`` holds floats for logging: ``reward_mean``,
     ``reward_std`` (across the K samples, averaged over images), ``adv_std``, ``greedy_reward``
     (the argmax prediction's reward), ``entropy`` (mean per-pixel entropy of the policy, nats).
+
+    The module keeps the settings, the state (``ema``; ``running_counts``, saved in the state
+    dict) and the cross-entropy anchor; the estimator itself is ``_SampleEstimator`` or
+    ``_LocalEstimator``.
     """
 
     def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int | None = None,
@@ -190,6 +326,7 @@ class ReinforceLoss(nn.Module):
         if estimator == "local" and not (sampler == "categorical" or isinstance(sampler, CategoricalSampler)):
             raise SegrewardError(f"estimator 'local' needs the factorised policy of sampler 'categorical', got {sampler!r}")
         self.estimator, self.scope, self.momentum, self.sync = estimator, scope, float(momentum), bool(sync)
+        self._estimator = _ESTIMATORS[estimator]()
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.k = int(k)
@@ -239,20 +376,20 @@ class ReinforceLoss(nn.Module):
                 f"scope={self.scope}, sampler={self.sampler_name}, k={self.k}, baseline={self.baseline}, "
                 f"temperature={self.temperature}, normalize={self.normalize}, ce_weight={self.ce_weight}")
 
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target, mask = _prepare(logits, target, self.num_classes, self.ignore_index)
+        loss, self.diagnostics = self._estimator(self, logits, target, mask)
+        if self.ce_weight > 0:
+            cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index)
+        return loss
+
+    # Counts and rewards at this loss's scope, shared by both estimators.
+
     def _batch_counts(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Counts ``[K, G, C, 3]`` each reward is computed over: per image (``G = B``), or summed over
-        the batch (``G = 1``; all-reduced across DDP ranks). The running counts are added by
-        :meth:`_with_running`."""
-        k, b = samples.shape[:2]
-        flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
-        cnt = counts(samples.reshape(-1, *target.shape[1:]), flat_target, self.num_classes, self.ignore_index)
-        cnt = cnt.view(k, b, self.num_classes, 3).to(torch.float64)
-        if self.scope == "image":
-            return cnt
-        cnt = cnt.sum(1, keepdim=True)
-        if self.sync:
-            _all_reduce(cnt)
-        return cnt
+        """Counts ``[K, G, C, 3]`` at this loss's scope, without the running counts
+        (:meth:`_with_running` adds them)."""
+        return _scope_counts(samples, target, self.num_classes, self.ignore_index, self.scope != "image", self.sync)
 
     def _with_running(self, cnt: torch.Tensor) -> torch.Tensor:
         """Add the running counts (scope ``running``) and, in training, fold this batch into them."""
@@ -268,7 +405,6 @@ class ReinforceLoss(nn.Module):
         """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` at this loss's scope. Scope ``running``:
         ``fold`` also adds these samples' counts to the running counts (in training); ``running``
         replaces the running counts read (e.g. those from before a fold)."""
-        k, b = samples.shape[:2]
         if self.form is not None:
             cnt = self._batch_counts(samples, target)
             if self.scope == "running":
@@ -277,99 +413,11 @@ class ReinforceLoss(nn.Module):
                 else:
                     cnt = cnt + (self.running_counts if running is None else running).to(cnt.device)
             return reward_from_counts(self.form, cnt[..., 0], cnt[..., 1], cnt[..., 2]).float()
-        if self.scope == "image":
-            flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
-            return self.reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(k, b).float()
-        # A user's callable at scope 'batch': the batch as one tall image (no counts to all-reduce).
-        if self.sync and _world_size() > 1:
+        if self.scope != "image" and self.sync and _world_size() > 1:
+            # A user's callable at scope 'batch' scores the batch as one tall image: no counts to all-reduce.
             raise SegrewardError(f"reward {self.reward_name!r} has no counts form, so scope 'batch' cannot be "
                                  "all-reduced under DDP; use a built-in reward or scope 'image'")
-        w = target.shape[-1]
-        return self.reward_fn(samples.reshape(k, -1, w), target.reshape(1, -1, w).expand(k, -1, -1)).reshape(k, 1).float()
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits, target, mask = _prepare(logits, target, self.num_classes, self.ignore_index)
-        if self.estimator == "local":
-            loss = self._local(logits, target, mask)
-        else:
-            loss = self._sampled(logits, target, mask)
-            with torch.no_grad():
-                logp = F.log_softmax(logits.float() / self.temperature, dim=1)
-                self.diagnostics["entropy"] = _entropy(logp.exp(), logp, mask)
-        if self.ce_weight > 0:
-            cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
-            loss = loss + self.ce_weight * F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index)
-        return loss
-
-    def _local(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        z = (logits if logits.dtype == torch.float64 else logits.float()) / self.temperature
-        with torch.no_grad():
-            # softmax by hand, to keep log-sum-exp for the entropy: lse = max + log(sum exp(z - max))
-            top = z.amax(1, keepdim=True)
-            p = (z - top).exp_()
-            total = p.sum(1, keepdim=True)
-            p.div_(total)
-            lse = total.log_().add_(top)[:, 0]
-            samples, argmax = draw_from_probs(p, self.k, self.sampler.generator, with_argmax=True)  # [K, B, H, W]
-            greedy = self._rewards(argmax.unsqueeze(0), target)  # before the running update
-            cnt = self._with_running(self._batch_counts(samples, target))
-            rewards = reward_from_counts(self.form, cnt[..., 0], cnt[..., 1], cnt[..., 2])  # [K, G]
-        per_group, credit = local_surrogate(z, samples, target, self.form, cnt, self.ignore_index, probs=p)
-        if self.scope == "image":
-            loss = per_group.mean()  # gradient of the mean per-image expected reward
-        else:
-            # The gradient of the global batch's reward is the sum over ranks; DDP averages, so scale.
-            loss = per_group.sum() * (_world_size() if self.sync else 1)
-        with torch.no_grad():
-            n = mask.sum().clamp_min(1)
-            label_credit = credit.gather(1, target.clamp(0, self.num_classes - 1).unsqueeze(1))[:, 0]
-            self.diagnostics = {
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std(0).mean()) if self.k > 1 else 0.0,
-                "greedy_reward": float(greedy.mean()),
-                # mean |R(y_i := c) - R(y)| over labelled pixels and the C - 1 alternatives
-                "credit_abs": float(torch.linalg.vector_norm(credit, 1) / (n * max(1, self.num_classes - 1))),
-                # share of labelled pixels where switching to the label class would raise the reward
-                "credit_label_pos": float(((label_credit > 0) & mask).sum() / n),
-                # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
-                "entropy": float(((lse - (p * z).sum(1)) * mask).sum() / n),
-            }
-        return loss
-
-    def _sampled(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        samples, log_prob = self.sampler(logits, self.k, mask)  # [K, B, H, W], [K, B]
-        if self.scope != "image":
-            # One reward per sample of the whole (global) batch: the batch is one image.
-            log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
-        with torch.no_grad():
-            before = self.running_counts.clone() if self.scope == "running" else None
-            rewards = self._rewards(samples, target, fold=True)  # [K, B] or [K, 1]
-            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
-            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
-            greedy = self._rewards(logits.max(1).indices.unsqueeze(0), target, running=before)[0]
-            if self.scope == "image":
-                n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
-            else:
-                n_valid = mask.sum().to(log_prob.dtype).reshape(1)
-                if self.sync:
-                    _all_reduce(n_valid)
-                n_valid = n_valid.clamp_min(1)
-            ema = None if torch.isnan(self.ema) else self.ema
-            adv = compute_advantages(rewards, self.baseline, greedy, ema, self.normalize)
-            # The EMA is tracked whatever the baseline, so it can be logged and switched to.
-            m = self.ema_momentum
-            batch_mean = rewards.mean()
-            self.ema.copy_(batch_mean if ema is None else m * self.ema + (1 - m) * batch_mean)
-        loss = -(adv * log_prob / n_valid).mean()
-        if self.scope != "image" and self.sync:
-            loss = loss * _world_size()  # DDP averages the ranks' parts of one global sample
-        self.diagnostics = {
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(0).mean()) if self.k > 1 else 0.0,
-            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
-            "greedy_reward": float(greedy.mean()),
-        }
-        return loss
+        return _callable_rewards(self.reward_fn, samples, target, self.scope != "image")
 
 
 class RewardWeightedCELoss(nn.Module):
