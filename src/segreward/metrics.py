@@ -24,16 +24,36 @@ from segreward.errors import SegrewardError
 __all__ = ["confusion_matrix", "class_stats", "check_labels", "scores_from_confusion", "SegMetric"]
 
 
-def check_labels(target: torch.Tensor, num_classes: int, ignore_index: int = 255, what: str = "label") -> None:
+def check_labels(target: torch.Tensor, num_classes: int, ignore_index: int | None = 255, what: str = "label") -> None:
     """Raise a :class:`SegrewardError` naming the values in ``target`` that are neither a class id
-    (``0..num_classes-1``) nor ``ignore_index``."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    (``0..num_classes-1``) nor ``ignore_index`` (``None``: nothing is ignored, e.g. predictions)."""
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
     if bool(bad.any()):
         values = torch.unique(target[bad])[:10].tolist()
+        if ignore_index is None:
+            raise SegrewardError(f"{what} values {values} are outside 0..{num_classes - 1}; "
+                                 f"check num_classes ({num_classes})")
         raise SegrewardError(
             f"{what} values {values} are outside 0..{num_classes - 1} and are not the ignore index "
             f"{ignore_index}; check num_classes ({num_classes}), the ignore index, or the label map"
         )
+
+
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise SegrewardError(f"num_classes must be a positive whole number, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _check_whole(values: torch.Tensor, what: str) -> None:
+    """Float labels/predictions are accepted only when they hold whole numbers (1.5 is no class)."""
+    if values.is_floating_point():
+        frac = values != torch.floor(values)
+        if bool(frac.any()):
+            raise SegrewardError(f"{what} values must be whole class ids; got {values[frac].flatten()[0].item()} "
+                                 f"(dtype {values.dtype}); pass integer labels")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -47,7 +67,10 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         raise SegrewardError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
     if pred.dim() < 1:
         raise SegrewardError("prediction and label need a batch dimension [N, ...]")
-    c = int(num_classes)
+    c = _check_num_classes(num_classes)
+    if validate:
+        _check_whole(target, "label")
+        _check_whole(pred, "prediction")
     n = pred.shape[0]
     pred = pred.reshape(n, -1).long()
     target = target.reshape(n, -1).long()
@@ -65,7 +88,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         p_lo, p_hi = (int(v) for v in torch.aminmax(pred)) if pred.numel() else (0, 0)
         if p_lo < 0 or p_hi >= c:
             check_labels(target, c, ignore_index)  # label errors are reported first
-            check_labels(pred, c, ignore_index=-(2**62), what="prediction")
+            check_labels(pred, c, ignore_index=None, what="prediction")
     offsets = torch.arange(n, device=pred.device).mul_((c + 1) * c).unsqueeze(1)
     index = torch.add(pred, rows, alpha=c).add_(offsets)
     size = n * (c + 1) * c
@@ -129,7 +152,7 @@ class SegMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names=None):
-        self.num_classes = int(num_classes)
+        self.num_classes = _check_num_classes(num_classes)
         self.ignore_index = int(ignore_index)
         self.class_names = list(class_names) if class_names is not None else None
         self.reset()

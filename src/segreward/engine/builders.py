@@ -75,7 +75,13 @@ def read_class_weight(value, num_classes: int):
     if isinstance(value, (str, Path)):
         from segreward.stats import load_class_weights
         return load_class_weights(value, num_classes)  # errors name the file
-    weights = [float(v) for v in value]
+    try:
+        weights = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise SegrewardError(f"class weights {value!r} must be a list of numbers or a weights.json path") from None
+    bad = [w for w in weights if not (0 <= w < float("inf"))]
+    if bad:
+        raise SegrewardError(f"class weights must be finite and >= 0, got {bad[0]} in {weights}")
     if len(weights) != num_classes:
         raise SegrewardError(f"class weights have {len(weights)} entries but the model has {num_classes} classes")
     return weights
@@ -99,7 +105,12 @@ class CrossEntropy(nn.Module):
         self.diagnostics: dict[str, float] = {}
 
     def forward(self, logits, target):
-        return F.cross_entropy(resize_logits(logits, target.shape[-2:]), target, weight=self.class_weight, ignore_index=self.ignore_index)
+        logits = resize_logits(logits, target.shape[-2:])
+        if not bool((target != self.ignore_index).any()):
+            # No labelled pixel (all ignored, or every pseudo-label below the threshold): the mean
+            # over no pixel is NaN; such a batch contributes nothing, with a graph for backward().
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, target, weight=self.class_weight, ignore_index=self.ignore_index)
 
 
 def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Module, str]:

@@ -368,6 +368,10 @@ class ClassFrequencies:
         n = len(counts)
         if n == 0:
             raise SegrewardError(f"{source}: 'counts' is empty; expected one pixel count per class")
+        declared = data.get("num_classes")
+        if declared is not None and (isinstance(declared, bool) or declared != n):
+            raise SegrewardError(f"{source}: num_classes is {declared!r} but 'counts' has {n} entries; "
+                                 "the file is inconsistent, count again with `segreward stats freq`")
         images = _int_list(data.get("images_with_class", [0] * n), "images_with_class", source, n)
         pix = _int_list(data.get("pixels_in_images_with_class", [0] * n), "pixels_in_images_with_class", source, n)
         names = data.get("class_names") or [str(i) for i in range(n)]
@@ -385,8 +389,8 @@ class ClassFrequencies:
 
 def _int_list(value: Any, key: str, source: str, n: int | None = None) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                              and math.isfinite(v) and v >= 0 for v in value):
-        raise SegrewardError(f"{source}: '{key}' must be a list of non-negative numbers, got {str(value)[:80]}")
+                                              and math.isfinite(v) and v >= 0 and v == int(v) for v in value):
+        raise SegrewardError(f"{source}: '{key}' must be a list of non-negative whole numbers, got {str(value)[:80]}")
     if n is not None and len(value) != n:
         raise SegrewardError(f"{source}: '{key}' has {len(value)} entries, expected {n} (one per class)")
     return [int(v) for v in value]
