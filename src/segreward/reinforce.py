@@ -392,13 +392,17 @@ class ReinforceLoss(nn.Module):
         return _scope_counts(samples, target, self.num_classes, self.ignore_index, self.scope != "image", self.sync)
 
     def _with_running(self, cnt: torch.Tensor) -> torch.Tensor:
-        """Add the running counts (scope ``running``) and, in training, fold this batch into them."""
+        """Add the running counts of earlier batches (scope ``running``) and, in training, fold this
+        batch into them (the discounted mean of its K samples' counts)."""
         if self.scope != "running":
             return cnt
         running = self.running_counts.to(cnt.device)
+        # Sum before the update: .to() returns the buffer itself on its own device, so after the
+        # in-place copy_ ``running`` would already hold this batch's counts (counted twice).
+        total = cnt + running
         if self.training:
             self.running_counts.copy_(self.momentum * (running + cnt.mean(0)[0]))
-        return cnt + running
+        return total
 
     def _rewards(self, samples: torch.Tensor, target: torch.Tensor, fold: bool = False,
                  running: torch.Tensor | None = None) -> torch.Tensor:
