@@ -6,5 +6,6 @@ sums) of a labelled set, then folded into the model's last bias so inference nee
 """
 
 from segreward.calibrate.exact import Calibration, PixelSet, fit_offsets, pixel_set
+from segreward.calibrate.stream import fit_offsets_streaming
 
-__all__ = ["Calibration", "PixelSet", "fit_offsets", "pixel_set"]
+__all__ = ["Calibration", "PixelSet", "fit_offsets", "fit_offsets_streaming", "pixel_set"]

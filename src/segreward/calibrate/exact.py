@@ -217,14 +217,16 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
 
 def fit_offsets(logits, labels, reward="miou", num_classes: int | None = None, ignore_index: int = 255,
                 class_weights=None, max_sweeps: int = 20, bound: float | None = None, init=None,
-                tol: float = 1e-12, progress: bool = False) -> Calibration:
+                tol: float = 1e-12, progress: bool = False, kfold: int | None = None,
+                kfold_seed: int = 0) -> Calibration:
     """Offsets ``b [C]`` maximising the dataset-level ``reward`` of ``argmax(logits + b)``.
 
     ``logits [N, C, H, W]`` and ``labels [N, H, W]`` at the same size (or lists of per-image
     maps); ``reward``: any count reward (``miou``, ``weighted_miou`` with ``class_weights``,
     ``dice``, ``pixel_accuracy``, or a mapping ``{name: weight}``), counts summed over all images
     with ``ignore_index`` excluded. ``bound`` limits ``|b_c|`` during the search; the returned
-    offsets have mean 0 (only their differences change the argmax).
+    offsets have mean 0 (only their differences change the argmax). ``kfold=k`` adds a k-fold
+    estimate of the gain on unseen images (``cal.cv``, see :mod:`segreward.calibrate.kfold`).
     """
     pixels = logits if isinstance(logits, PixelSet) else pixel_set(logits, labels, num_classes, ignore_index)
     c = pixels.num_classes
@@ -232,6 +234,10 @@ def fit_offsets(logits, labels, reward="miou", num_classes: int | None = None, i
     zero = torch.zeros(c, dtype=torch.float64)
     before = set_reward(form, pixels, zero)
     b, history, converged = fit_pixels(pixels, form, max_sweeps, bound, init, tol, progress)
+    cv = None
+    if kfold:
+        from segreward.calibrate.kfold import cross_validate
+        cv = cross_validate(pixels, form, kfold, kfold_seed, max_sweeps=max_sweeps, bound=bound, init=init, tol=tol)
     return Calibration(offsets=b, reward=form.name, reward_before=before, reward_after=set_reward(form, pixels, b),
                        sweeps=len(history), converged=converged, history=history,
-                       scores_before=set_scores(pixels, zero), scores_after=set_scores(pixels, b))
+                       scores_before=set_scores(pixels, zero), scores_after=set_scores(pixels, b), cv=cv)
