@@ -268,16 +268,37 @@ def plot_logs(paths, out: str | os.PathLike, metric: str = "mIoU", smoothing: fl
         trend = Trend.parse(trend)
     if trend is not None and reference is not None:
         raise SegrewardError("give either a reference run or a trend line, not both")
+    from segreward.outputs import atomic_save, atomic_write_text, check_output_file, same_file
+
     runs = load_runs(paths, x=x)
     ref = _as_run(reference, x) if reference is not None else None
-    fig = plot_runs(runs, metric=metric, smoothing=smoothing, trend=trend, reference=ref)
-    table = summarize(runs, metric=metric, trend=trend, reference=ref)
+    # Both outputs are checked before either is written, and never onto a file that was read.
+    inputs = [src for r in runs + ([ref] if ref is not None else []) for src in getattr(r, "sources", [])]
+    inputs += [Path(p) for p in paths] + ([Path(reference)] if isinstance(reference, (str, os.PathLike)) else [])
     out = Path(out)
     summary_path = Path(summary_path) if summary_path else out.with_name(out.stem + "_summary.csv")
+    formats = fig_formats()
+    if out.suffix.lower().lstrip(".") not in formats:
+        raise SegrewardError(f"--out {out}: unknown figure format {out.suffix or '(no suffix)'!r}; "
+                             f"use one of: {', '.join('.' + f for f in ('png', 'pdf', 'svg'))}")
+    out = check_output_file(out, "--out", inputs=inputs)
+    summary_path = check_output_file(summary_path, "--summary", inputs=inputs)
+    if out.resolve() == summary_path.resolve() or same_file(out, summary_path):
+        raise SegrewardError(f"--summary {summary_path}: is the same file as --out; choose another file")
+    fig = plot_runs(runs, metric=metric, smoothing=smoothing, trend=trend, reference=ref)
+    table = summarize(runs, metric=metric, trend=trend, reference=ref)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi)
-        table.to_csv(summary_path, index=False)
+        atomic_save(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format=out.suffix.lower().lstrip(".")))
+        atomic_write_text(summary_path, table.to_csv(index=False))
     except (OSError, ValueError) as e:
         raise SegrewardError(f"{out}: cannot save the figure or summary ({e})") from e
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
     return table, [out, summary_path]
+
+
+def fig_formats() -> set[str]:
+    """File suffixes matplotlib can save to (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return set(FigureCanvasBase.get_supported_filetypes())

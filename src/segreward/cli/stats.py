@@ -93,9 +93,12 @@ def _freq(args: argparse.Namespace) -> int:
     from segreward.stats import class_frequencies, frequency_table, parse_class_names, parse_label_map, parse_palette
     from segreward.stats.report import notes, save_frequencies
 
+    from segreward.outputs import ensure_dir
+
     names, dataset = parse_class_names(args.class_names) if args.class_names else (None, None)
     if args.ignore_unlisted and not args.label_map:
         raise SegrewardError("--ignore-unlisted needs --label-map")
+    ensure_dir(args.out, "--out")  # before counting: a bad --out should not cost a pass over the data
     freq = class_frequencies(
         args.root, suffix=args.suffix, recursive=args.recursive, class_names=names, workers=args.workers,
         progress=None if args.progress else False, dataset=dataset, num_classes=args.num_classes,
@@ -115,15 +118,19 @@ def _freq(args: argparse.Namespace) -> int:
 def _weights(args: argparse.Namespace) -> int:
     from segreward.stats import load_frequencies, weights_from_frequencies, weights_table
 
+    from segreward.outputs import check_output_file
+
     freq = load_frequencies(args.freq_json)
+    src = Path(args.freq_json)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
+    inputs = [src / "frequencies.json" if src.is_dir() else src]
+    target = check_output_file(out / "weights.json", "--out", inputs=inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # printed below, one line each
         cw = weights_from_frequencies(freq, args.method, smooth=args.smooth, beta=args.beta,
                                       max_weight=args.max_weight, zero_weight=args.zero_weight,
                                       normalize=args.normalize)
-    src = Path(args.freq_json)
-    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-    path = cw.save(out / "weights.json")
+    path = cw.save(target)
     print(weights_table(cw, freq.counts))
     for line in cw.warnings:
         _warn(line)

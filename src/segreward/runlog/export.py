@@ -13,12 +13,13 @@ def write_csvs(run: RunLog, out_dir: str | os.PathLike) -> list[Path]:
     """Write ``loss.csv`` (training keys) and ``metrics.csv`` (validation keys) into
     ``out_dir``; returns the paths written. Missing and NaN values are empty cells;
     infinities are ``inf``/``-inf``."""
-    out = Path(out_dir)
+    from segreward.outputs import atomic_write_text, check_output_file, ensure_dir
+
+    out = ensure_dir(out_dir, "--out")
+    paths = [check_output_file(out / name, "--out", inputs=run.sources) for name in ("loss.csv", "metrics.csv")]
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / "loss.csv", out / "metrics.csv"]
-        run.loss.to_csv(paths[0], index=False)
-        run.metrics.to_csv(paths[1], index=False)
+        atomic_write_text(paths[0], run.loss.to_csv(index=False))
+        atomic_write_text(paths[1], run.metrics.to_csv(index=False))
     except OSError as e:
         raise SegrewardError(f"{out}: cannot write the CSV files ({e})") from e
     return paths

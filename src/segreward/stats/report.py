@@ -47,14 +47,19 @@ def notes(freq: ClassFrequencies) -> list[str]:
 
 
 def write_csv(freq: ClassFrequencies, path: str | Path) -> Path:
+    import io
+
+    from segreward.outputs import atomic_write_text
+
     path = Path(path)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class_id", "class_name", "pixels", "frequency", "images_with_class",
-                         "pixels_in_images_with_class"])
-        for i, name in enumerate(freq.class_names):
-            writer.writerow([i, name, int(freq.counts[i]), f"{freq.frequencies[i]:.10g}",
-                             int(freq.images_with_class[i]), int(freq.pixels_in_images_with_class[i])])
+    fh = io.StringIO(newline="")
+    writer = csv.writer(fh)
+    writer.writerow(["class_id", "class_name", "pixels", "frequency", "images_with_class",
+                     "pixels_in_images_with_class"])
+    for i, name in enumerate(freq.class_names):
+        writer.writerow([i, name, int(freq.counts[i]), f"{freq.frequencies[i]:.10g}",
+                         int(freq.images_with_class[i]), int(freq.pixels_in_images_with_class[i])])
+    atomic_write_text(path, fh.getvalue())
     return path
 
 
@@ -76,18 +81,24 @@ def plot_frequencies(freq: ClassFrequencies, path: str | Path) -> Path:
     ax.set_title(f"class pixel frequencies ({freq.num_images} images, {freq.total_pixels:,} pixels)")
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from segreward.outputs import atomic_save
+
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
     return path
 
 
 def save_frequencies(freq: ClassFrequencies, out_dir: str | Path, plot: bool = False) -> list[Path]:
     """Write ``frequencies.json``, ``frequencies.csv`` and, with ``plot``, ``frequencies.png``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "frequencies.json"
-    json_path.write_text(json.dumps(freq.to_dict(), indent=2) + "\n")
-    paths = [json_path, write_csv(freq, out / "frequencies.csv")]
+    from segreward.outputs import atomic_write_text, check_output_file, ensure_dir
+
+    out = ensure_dir(out_dir, "--out")
+    names = ["frequencies.json", "frequencies.csv"] + (["frequencies.png"] if plot else [])
+    json_path, csv_path, *_ = [check_output_file(out / n, "--out") for n in names]
+    atomic_write_text(json_path, json.dumps(freq.to_dict(), indent=2) + "\n")
+    paths = [json_path, write_csv(freq, csv_path)]
     if plot:
         paths.append(plot_frequencies(freq, out / "frequencies.png"))
     return paths

@@ -111,9 +111,10 @@ class ClassWeights:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from segreward.outputs import atomic_write_text, check_output_file
+
+        path = check_output_file(path, "--out")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
 
