@@ -1,0 +1,98 @@
+"""`segreward calibrate` end to end: a run directory in, offsets.json and folded weights out,
+and the folded model scores what the fit reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from segreward.cli import main
+from segreward.engine import config_from_dict, train
+from segreward.engine.builders import build_data
+from segreward.engine.trainer import evaluate
+from segreward.models import load_model
+
+DUSK = {"type": "synthetic", "style": "dusk", "n": 6, "split": "val", "size": [32, 32]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cal") / "run"
+    cfg = config_from_dict({"name": "t", "work_dir": str(work), "model": {"name": "unet", "options": {"width": 8}},
+                            "data": {"train": {"type": "synthetic", "style": "day", "n": 8, "size": [32, 32]},
+                                     "val": {"val": DUSK}},
+                            "train": {"iters": 6, "batch_size": 4, "eval_every": 6, "progress": False},
+                            "optim": {"lr": 0.01}})
+    train(cfg)
+    return work
+
+
+def test_calibrate_a_run_and_score_the_folded_model(run_dir, tmp_path, capsys):
+    spec = tmp_path / "dusk.yaml"
+    spec.write_text(json.dumps(DUSK))
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(out), "--kfold", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "3-fold estimate" in printed and "IoU before" in printed
+    record = json.loads((out / "offsets.json").read_text())
+    assert len(record["offsets"]) == len(record["classes"]) and abs(sum(record["offsets"])) < 1e-9
+    assert record["reward_after"] >= record["reward_before"]
+    model = load_model(out / "model.safetensors")
+    scores = evaluate(model, build_data(DUSK), len(record["offsets"]))
+    assert scores["mIoU"] == pytest.approx(100 * record["reward_after"], abs=1e-3)
+    before = evaluate(load_model(run_dir / "model.safetensors"), build_data(DUSK), len(record["offsets"]))
+    assert before["mIoU"] == pytest.approx(100 * record["reward_before"], abs=1e-3)
+
+
+def test_calibrate_never_overwrites_without_asking(run_dir, tmp_path, capsys):
+    spec = tmp_path / "dusk.yaml"
+    spec.write_text(json.dumps(DUSK))
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(out), "--kfold", "0", "--no-progress"]) == 0
+    before = (out / "offsets.json").read_bytes()
+    capsys.readouterr()
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "offsets.json").read_bytes() == before
+    # Never onto the input weights.
+    weights = (run_dir / "model.safetensors").read_bytes()
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(run_dir), "--overwrite", "--no-progress"]) == 2
+    assert "input" in capsys.readouterr().err
+    assert (run_dir / "model.safetensors").read_bytes() == weights
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(out), "--overwrite", "--mode", "streaming",
+                 "--no-progress"]) == 0
+    assert json.loads((out / "offsets.json").read_text())["mode"] == "streaming"
+
+
+def _folder(root):
+    import numpy as np
+    from PIL import Image
+    (root / "img_dir").mkdir(parents=True)
+    (root / "ann_dir").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "img_dir" / "a.jpg")
+    Image.fromarray(np.full((16, 16), 2, np.uint8)).save(root / "ann_dir" / "a.png")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["{run}/nope", "{spec}"], "no such run directory"),
+    (["{tmp}", "{spec}"], "no model.safetensors"),
+    (["{run}", "{tmp}/missing.yaml"], "not found"),
+    (["{run}", "{spec}", "--reward", "bogus"], "bogus"),
+    (["{run}", "{spec}", "--kfold", "1"], "--kfold"),
+    (["{run}", "{spec}", "--device", "gpu0"], "gpu0"),
+    (["{run}", "{spec8}"], "num_classes"),
+])
+def test_bad_calibrate_input_is_one_line(run_dir, tmp_path, capsys, args, needle):
+    spec = tmp_path / "dusk.yaml"
+    spec.write_text(json.dumps(DUSK))
+    spec8 = tmp_path / "other.yaml"  # a dataset with other classes (5) than the model (8)
+    _folder(tmp_path / "five")
+    spec8.write_text(json.dumps({"type": "folder", "root": str(tmp_path / "five"), "classes": 5}))
+    argv = [a.format(run=run_dir, spec=spec, tmp=tmp_path, spec8=spec8) for a in args]
+    assert main(["calibrate", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "offsets.json").exists()
