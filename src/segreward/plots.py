@@ -277,11 +277,10 @@ def plot_logs(paths, out: str | os.PathLike, metric: str = "mIoU", smoothing: fl
     inputs += [Path(p) for p in paths] + ([Path(reference)] if isinstance(reference, (str, os.PathLike)) else [])
     out = Path(out)
     summary_path = Path(summary_path) if summary_path else out.with_name(out.stem + "_summary.csv")
-    formats = fig_formats()
-    if out.suffix.lower().lstrip(".") not in formats:
+    out = check_output_file(out, "--out", inputs=inputs)
+    if out.suffix.lower().lstrip(".") not in fig_formats():
         raise SegrewardError(f"--out {out}: unknown figure format {out.suffix or '(no suffix)'!r}; "
                              f"use one of: {', '.join('.' + f for f in ('png', 'pdf', 'svg'))}")
-    out = check_output_file(out, "--out", inputs=inputs)
     summary_path = check_output_file(summary_path, "--summary", inputs=inputs)
     if out.resolve() == summary_path.resolve() or same_file(out, summary_path):
         raise SegrewardError(f"--summary {summary_path}: is the same file as --out; choose another file")

@@ -37,8 +37,12 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SegrewardError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # corrupt or not a torch file
-        raise SegrewardError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    except IsADirectoryError:
+        raise SegrewardError(f"{path}: is a folder, not a checkpoint file") from None
+    except Exception as e:  # corrupt or not a torch file; torch's messages run over many lines
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SegrewardError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first}); "
+                             "the file is damaged or not a segreward checkpoint") from None
 
 
 def rng_state() -> dict:
