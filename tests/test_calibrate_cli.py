@@ -96,3 +96,48 @@ def test_bad_calibrate_input_is_one_line(run_dir, tmp_path, capsys, args, needle
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o" / "offsets.json").exists()
+
+
+def test_trainer_calibrate_step(tmp_path):
+    """`calibrate.enabled` after a stage: offsets fitted on a val set, folded weights written next
+    to the run's own, the calibrated scores in summary.json and the run log."""
+    work = tmp_path / "run"
+    cfg = config_from_dict({"name": "t", "work_dir": str(work), "model": {"name": "unet", "options": {"width": 8}},
+                            "data": {"train": {"type": "synthetic", "style": "day", "n": 8, "size": [32, 32]},
+                                     "val": {"dusk": DUSK}},
+                            "train": {"iters": 4, "batch_size": 4, "eval_every": 4, "progress": False},
+                            "calibrate": {"enabled": True, "data": "dusk", "kfold": 3}})
+    result = train(cfg)
+    cal = result["calibration"]
+    assert result["val_calibrated"]["dusk"]["mIoU"] == pytest.approx(100 * cal.reward_after, abs=1e-3)
+    assert result["val"]["dusk"]["mIoU"] == pytest.approx(100 * cal.reward_before, abs=1e-3)
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["val_calibrated"]["dusk"]["mIoU"] >= summary["val"]["dusk"]["mIoU"]
+    assert summary["calibration"]["cv"]["k"] == 3
+    uncalibrated = load_model(work / "model.safetensors").eval()
+    calibrated = load_model(work / "model_calibrated.safetensors").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = (uncalibrated(x) + torch.tensor(summary["calibration"]["offsets"]).view(1, -1, 1, 1)).argmax(1)
+        assert torch.equal(calibrated(x).argmax(1), want)
+    lines = [json.loads(line) for line in (work / "vis_data" / "scalars.json").read_text().splitlines()]
+    assert any("calibrated/mIoU" in line for line in lines)
+
+
+@pytest.mark.parametrize("section,needle", [
+    ({"data": "nope"}, "no such set"),
+    ({"reward": "bogus"}, "bogus"),
+    ({"mode": "fast"}, "calibrate.mode"),
+    ({"kfold": 1}, "calibrate.kfold"),
+    ({"data": 3}, "calibrate.data"),
+])
+def test_trainer_calibrate_settings_fail_before_any_write(tmp_path, section, needle):
+    from segreward.errors import SegrewardError
+    work = tmp_path / "run"
+    with pytest.raises(SegrewardError, match=needle):
+        cfg = config_from_dict({"work_dir": str(work), "data": {"train": {"type": "synthetic", "n": 4,
+                                                                          "size": [32, 32]}, "val": {}},
+                                "train": {"iters": 2, "batch_size": 2, "progress": False},
+                                "calibrate": {"enabled": True, **section}})
+        train(cfg)
+    assert not work.exists()

@@ -29,5 +29,7 @@ def run(args) -> int:
         return 0
     for name, scores in result["val"].items():
         print(f"{name}: mIoU {scores['mIoU']:.2f}  aAcc {scores['aAcc']:.2f}  mAcc {scores['mAcc']:.2f}")
+    for name, scores in result.get("val_calibrated", {}).items():
+        print(f"{name} (calibrated): mIoU {scores['mIoU']:.2f}  aAcc {scores['aAcc']:.2f}  mAcc {scores['mAcc']:.2f}")
     print(f"run directory: {result['work_dir']}")
     return 0

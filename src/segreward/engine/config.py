@@ -186,6 +186,37 @@ class DataConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """A step after the stage: one logit offset per class, fitted exactly on a labelled set's
+    dataset-level reward and folded into the final weights (``model_calibrated.safetensors``)."""
+    enabled: bool = field(default=False, metadata={"help": "calibrate after the stage"})
+    data: Any = field(default="train", metadata={"help": "train (the training set, no augmentation) | a data.val "
+                                                         "name | a dataset spec {type: ..., ...}"})
+    reward: Any = field(default="miou", metadata={"help": "a count reward: miou | weighted_miou | dice | "
+                                                          "pixel_accuracy | {name: weight}"})
+    reward_class_weight: Any = field(default=None, metadata={"help": "class weights of weighted_miou (list or "
+                                                                     "weights.json)"})
+    mode: str = field(default="auto", metadata={"help": "auto | exact (holds the set's logits) | streaming"})
+    kfold: int = field(default=5, metadata={"help": "k-fold estimate of the gain on unseen images (0: off)"})
+    bound: float | None = field(default=None, metadata={"help": "limit |offset| (logits) during the search"})
+    max_sweeps: int = 20
+    bins: int = field(default=1024, metadata={"help": "streaming mode: threshold bins per class"})
+
+    def __post_init__(self):
+        _choice("calibrate.mode", self.mode, ("auto", "exact", "streaming"))
+        if self.kfold < 0 or self.kfold == 1:
+            raise SegrewardError(f"calibrate.kfold must be 0 (off) or >= 2, got {self.kfold}")
+        _positive("calibrate.max_sweeps", self.max_sweeps)
+        if self.bound is not None:
+            _positive("calibrate.bound", self.bound)
+        if self.bins < 2 or self.bins % 2:
+            raise SegrewardError(f"calibrate.bins must be an even number >= 2, got {self.bins}")
+        if not isinstance(self.data, (str, dict)) or (isinstance(self.data, dict) and "type" not in self.data):
+            raise SegrewardError(f"calibrate.data must be 'train', a data.val name or a dataset spec with a "
+                                 f"'type' key, got {self.data!r}")
+
+
+@dataclass
 class PseudoLabelConfig:
     """Unsupervised adaptation: train on a teacher's confident predictions instead of labels."""
     enabled: bool = field(default=False, metadata={"help": "ignore the training labels; use pseudo-labels"})
@@ -211,6 +242,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     def __post_init__(self):
         _choice("stage", self.stage, ("pretrain", "tune"))

@@ -305,6 +305,31 @@ class _Stage:
         self.optimizer = build_optimizer(model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.iters)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
+        self.calibration_set = self._calibration_set() if cfg.calibrate.enabled else None
+
+    def _calibration_set(self) -> Dataset:
+        """The labelled set of the ``calibrate`` step, checked before anything is written."""
+        cal = self.cfg.calibrate
+        from segreward.calibrate.search import check_count_form
+        from segreward.engine.builders import read_class_weight
+        self.calibration_weights = read_class_weight(cal.reward_class_weight, self.num_classes)
+        check_count_form(cal.reward, self.num_classes, self.calibration_weights)
+        if isinstance(cal.data, dict):
+            ds = build_data(cal.data)
+        elif cal.data == "train":
+            if self.cfg.pseudo_label.enabled:
+                raise SegrewardError("calibrate.data=train: a pseudo-label run does not use its training labels; "
+                                     "name a labelled data.val set or give a dataset spec")
+            given = (self.given or {}).get("train")
+            ds = given if given is not None else build_data(self.cfg.data.train)  # no augmentation
+        elif cal.data in self.val_sets:
+            ds = self.val_sets[cal.data]
+        else:
+            raise SegrewardError(f"calibrate.data = {cal.data!r}: no such set; use train, one of data.val "
+                                 f"({', '.join(self.val_sets) or 'none'}) or a dataset spec")
+        if dataset_info(ds)[0] != self.num_classes:
+            raise SegrewardError(f"calibrate.data has {dataset_info(ds)[0]} classes, the model {self.num_classes}")
+        return ds
 
     # --- resume (or a fresh start) ---
     def restore(self, resume: bool) -> None:
@@ -552,6 +577,43 @@ class _Stage:
                 "classes": self.classes}
 
 
+    def calibrate(self) -> dict:
+        """The ``calibrate`` step: fit offsets on the calibration set, fold them into a copy of the
+        model, write ``offsets.json`` and ``model_calibrated.safetensors``, score the val sets."""
+        cal_cfg, info = self.cfg.calibrate, self.info
+        from segreward.calibrate.folding import fold_offsets
+        from segreward.engine.calibration import calibrate_model, format_calibration, write_calibration
+        mode = "streaming" if info.enabled else cal_cfg.mode  # exact mode would need every rank's logits
+        cal = calibrate_model(self.model, self.calibration_set, reward=cal_cfg.reward, mode=mode,
+                              kfold=cal_cfg.kfold or None, bound=cal_cfg.bound, max_sweeps=cal_cfg.max_sweeps,
+                              bins=cal_cfg.bins, class_weights=self.calibration_weights,
+                              batch_size=max(1, self.tc.batch_size // info.world_size), device=info.device,
+                              rank=info.rank, world=info.world_size, progress=info.is_main and self.tc.progress)
+        model = fold_offsets(copy.deepcopy(self.model), cal.offsets)
+        scores = {name: evaluate(model, ds, self.num_classes, self.ignore_index,
+                                 batch_size=max(1, self.tc.batch_size // info.world_size), info=info, amp=self.tc.amp)
+                  for name, ds in self.val_sets.items()}
+        if info.is_main:
+            from segreward.outputs import atomic_write_text
+            write_calibration(self.work, model, cal, self.classes, source=str(self.work / "model.safetensors"),
+                              weights_name="model_calibrated.safetensors")
+            summary = json.loads((self.work / "summary.json").read_text())
+            summary["calibration"] = {"reward": cal.reward, "before": cal.reward_before, "after": cal.reward_after,
+                                      "cv": cal.cv, "offsets": [float(v) for v in cal.offsets]}
+            summary["val_calibrated"] = {k: {m: v[m] for m in ("aAcc", "mIoU", "mAcc", "mDice", "IoU")}
+                                         for k, v in scores.items()}
+            atomic_write_text(self.work / "summary.json", json.dumps(summary, indent=1, allow_nan=True))
+            if self.writer is not None:
+                line = {"calibration/reward_before": cal.reward_before, "calibration/reward_after": cal.reward_after}
+                for j, (name, sc) in enumerate(scores.items()):
+                    prefix = "calibrated/" if j == 0 else f"calibrated/{name}/"
+                    line.update({f"{prefix}{k}": round(sc[k], 4) for k in ("aAcc", "mIoU", "mAcc", "mDice")})
+                self.writer.log(self.tc.iters, line, mode="val")
+            if self.tc.progress:
+                print(format_calibration(cal, self.classes))
+        return {"val_calibrated": scores, "calibration": cal}
+
+
 def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = None,
            overwrite: bool = False) -> dict:
     stage = _Stage(cfg, info, datasets)
@@ -561,6 +623,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = 
     try:
         stage.run()
         result = stage.finish()
+        if cfg.calibrate.enabled:
+            result.update(stage.calibrate())
     except BaseException:
         stage.close()
         stage.discard_if_empty()
