@@ -169,7 +169,7 @@ def _unknown_message(path: Path, unknown: dict[int, int], spec: LabelSpec) -> st
     if spec.reduce_zero_label or spec.label_map:
         shown += " (after the label map / reduce-zero-label)"
     return (f"{path}: label values {shown}{more} are not classes (num_classes={spec.num_classes}) and not "
-            f"ignored (ignore index {', '.join(map(str, spec.ignore_index))}){hint}; check --num-classes, "
+            f"ignored ({_ignore_text(spec.ignore_index)}){hint}; check --num-classes, "
             "--ignore-index, --label-map / --reduce-zero-label, or leave out --strict to count them as 'unknown'")
 
 
@@ -385,6 +385,12 @@ class ClassFrequencies:
             num_files_with_unknown=int(data.get("num_files_with_unknown", 0)),
             num_skipped=int(data.get("num_skipped", 0)), options=dict(data.get("options") or {}),
         )
+
+
+def _ignore_text(ignore) -> str:
+    """The ignore index for a message; the internal "nothing ignored" value is never shown."""
+    shown = [str(i) for i in ignore if i != -(2**62)]
+    return f"ignore index {', '.join(shown)}" if shown else "no ignore index"
 
 
 def _int_list(value: Any, key: str, source: str, n: int | None = None) -> list[int]:
