@@ -8,6 +8,14 @@ Items are ``(image float32 [3,H,W], label int64 [H,W])`` like every other datase
 images are stored as given (already normalised). ``transform`` is a joint transform of
 :mod:`segreward.data.transforms` (``RandomFlip``, ``RandomCrop``, ...); it gets the image as a
 float ``[H,W,3]`` array in the stored (normalised) values, so a crop pads with 0, the mean colour.
+
+``sample_seed`` (or :meth:`InMemoryDataset.seeded`) makes the augmentation of a sample a function
+of ``(sample_seed, index, k)`` only, ``k`` counting this dataset object's earlier draws of that
+index: the transform runs under a forked global torch RNG seeded from the three. Under the
+trainer's batch order (every epoch a permutation, fixed by the run's seed) ``k`` is the epoch,
+so two runs with the same seed see identical batches however much randomness their losses
+draw (and the augmentation draws nothing from the training's RNG). A transform built with its
+own ``generator=`` keeps using it; with DataLoader workers each worker counts its own draws.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ class InMemoryDataset(Dataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], ignore_index: int = 255,
-                 transform: Callable | None = None, names: Sequence[str] | None = None):
+                 transform: Callable | None = None, names: Sequence[str] | None = None,
+                 sample_seed: int | None = None):
         if images.dim() != 4 or images.shape[1] != 3 or labels.dim() != 3 or images.shape[0] != labels.shape[0] \
                 or images.shape[2:] != labels.shape[1:]:
             raise SegrewardError(f"InMemoryDataset: images {tuple(images.shape)} and labels {tuple(labels.shape)} "
@@ -49,6 +58,8 @@ class InMemoryDataset(Dataset):
                                     num_classes=len(self.classes))
         self.transform = transform
         self.names = list(names) if names is not None else [str(i) for i in range(len(images))]
+        self.sample_seed = None if sample_seed is None else int(sample_seed)
+        self._draws: dict[int, int] = {}
 
     @classmethod
     def decode(cls, dataset, transform: Callable | None = None, progress: bool = False) -> "InMemoryDataset":
@@ -72,8 +83,14 @@ class InMemoryDataset(Dataset):
                                [self.names[int(i)] for i in idx])
 
     def with_transform(self, transform: Callable | None) -> "InMemoryDataset":
-        """The same tensors (not copied) with another transform."""
-        return InMemoryDataset(self.images, self.labels, self.classes, self.ignore_index, transform, self.names)
+        """The same tensors (not copied) with another transform (and the same ``sample_seed``)."""
+        return InMemoryDataset(self.images, self.labels, self.classes, self.ignore_index, transform, self.names,
+                               self.sample_seed)
+
+    def seeded(self, seed: int | None) -> "InMemoryDataset":
+        """The same tensors and transform, augmented per sample from ``seed`` (None: global RNG)."""
+        return InMemoryDataset(self.images, self.labels, self.classes, self.ignore_index, self.transform, self.names,
+                               seed)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,7 +99,15 @@ class InMemoryDataset(Dataset):
         x, y = self.images[i], self.labels[i]
         if self.transform is None:
             return x, y
-        image, label = self.transform(x.permute(1, 2, 0).numpy(), y.numpy())
+        if self.sample_seed is None:
+            image, label = self.transform(x.permute(1, 2, 0).numpy(), y.numpy())
+        else:
+            k = self._draws.get(i, 0)
+            self._draws[i] = k + 1
+            seed = int(np.random.SeedSequence([self.sample_seed, int(i), k]).generate_state(1, np.uint64)[0])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image, label = self.transform(x.permute(1, 2, 0).numpy(), y.numpy())
         image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).contiguous()
         return image, torch.from_numpy(np.ascontiguousarray(label)).long()
 
