@@ -22,9 +22,18 @@ Layout: the math is in pure functions (:func:`compute_advantages`, :func:`local_
 (``_SampleEstimator``, ``_LocalEstimator``) that turns prepared logits and labels into a loss and
 its diagnostics; :class:`ReinforceLoss` stores the settings and the state that checkpoints carry
 (``ema``, ``running_counts``), validates, adds the cross-entropy anchor and dispatches.
+
+Inputs are checked where they enter (``_prepare``, ``_checked_rewards``, the constructors): a
+bad option, shape, class-weight file or reward output is a one-line :class:`SegrewardError`
+naming the value, never an error from deep inside torch. An empty batch (no image, or images of
+no pixels) is an error too: it has no reward to estimate, and under DDP a rank that silently
+skipped it would leave the others waiting in the all-reduce.
 """
 
 from __future__ import annotations
+
+import operator
+import os
 
 import torch
 import torch.distributed as dist
@@ -47,6 +56,58 @@ def _entropy(p: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean per-pixel entropy (nats) of the policy over labelled pixels."""
     ent = (p * logp).sum(1).neg_()
     return float((ent * mask).sum() / mask.sum().clamp_min(1))
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (for error messages)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _whole(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int, or a one-line error: 2.5 is not silently truncated to 2 (4.0 is 4)."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = int(value) if isinstance(value, float) and value.is_integer() else None
+    if n is None or (minimum is not None and n < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise SegrewardError(f"{name} must be a whole number{bound}, got {_short(value)}")
+    return n
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a float, or a one-line error naming it."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SegrewardError(f"{name} must be a number, got {_short(value)}") from None
+
+
+def _class_weight(value, num_classes: int) -> torch.Tensor | None:
+    """The cross-entropy's ``class_weight`` as a float32 tensor ``[C]`` (or None), checked: one
+    finite weight >= 0 per class. A ``str``/path is a ``weights.json`` written by ``segreward stats
+    weights`` (or a JSON list), read by :func:`segreward.stats.load_class_weights` like the
+    trainer's configs; its errors name the file."""
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        from segreward.stats import load_class_weights  # only for a path: the core needs just torch
+
+        value = load_class_weights(value, num_classes)
+    try:
+        w = torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise SegrewardError(f"class_weight must be {num_classes} numbers or the path of a weights.json, "
+                             f"got {_short(value)}") from None
+    if w.dim() != 1 or w.numel() != num_classes:
+        raise SegrewardError(f"class_weight has {w.numel()} entries for {num_classes} classes "
+                             f"(shape {tuple(w.shape)}); give one weight per class")
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        idx = bad.nonzero()[:, 0][:10].tolist()
+        raise SegrewardError(f"class_weight must be finite and >= 0; got {w[bad][:10].tolist()} for classes {idx}")
+    return w
 
 
 def _world_size() -> int:
@@ -152,37 +213,90 @@ def _scope_counts(samples: torch.Tensor, target: torch.Tensor, num_classes: int,
     return cnt
 
 
-def _callable_rewards(reward_fn, samples: torch.Tensor, target: torch.Tensor, pooled: bool) -> torch.Tensor:
+def _checked_rewards(out, name: str, n: int, what: str) -> torch.Tensor:
+    """The output of reward ``name`` for ``n`` segmentations, checked: a tensor (or anything
+    ``torch.as_tensor`` turns into real numbers) of shape ``[n]`` with finite values."""
+    if not isinstance(out, torch.Tensor):
+        try:
+            out = torch.as_tensor(out, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise SegrewardError(f"reward {name!r} returned {type(out).__name__} {_short(out)}; a reward must "
+                                 f"return a tensor [N] of floats, one per image ({what})") from None
+    if out.is_complex():
+        raise SegrewardError(f"reward {name!r} returned a {out.dtype} tensor; a reward must return real numbers")
+    if tuple(out.shape) != (n,):
+        raise SegrewardError(f"reward {name!r} returned shape {tuple(out.shape)} for {what}; it must return "
+                             f"a tensor [{n}], one value per image")
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        raise SegrewardError(f"reward {name!r} returned {_short(out[bad].unique()[:5].tolist())} for "
+                             f"{int(bad.sum())} of {what}; a reward must be a finite number per image")
+    return out
+
+
+def _callable_rewards(reward_fn, samples: torch.Tensor, target: torch.Tensor, pooled: bool,
+                      name: str = "custom") -> torch.Tensor:
     """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` from a reward callable ``fn(pred, target) ->
     Tensor[N]``: per image (``G = B``, one call on the ``K * B`` images), or ``pooled`` (``G = 1``:
-    the batch as one tall image per sample)."""
+    the batch as one tall image per sample). The output is checked (``_checked_rewards``)."""
     k, b = samples.shape[:2]
     if not pooled:
         flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
-        return reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target).reshape(k, b).float()
+        out = reward_fn(samples.reshape(-1, *target.shape[1:]), flat_target)
+        return _checked_rewards(out, name, k * b, f"K * B = {k} * {b} images").reshape(k, b).float()
     w = target.shape[-1]
-    return reward_fn(samples.reshape(k, -1, w), target.reshape(1, -1, w).expand(k, -1, -1)).reshape(k, 1).float()
+    out = reward_fn(samples.reshape(k, -1, w), target.reshape(1, -1, w).expand(k, -1, -1))
+    return _checked_rewards(out, name, k, f"K = {k} samples of the batch as one image each").reshape(k, 1).float()
+
+
+def _anchor_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+               ignore_index: int) -> torch.Tensor:
+    """``F.cross_entropy``'s mean over labelled pixels (with class weights: ``sum w_t ce / sum w_t``),
+    or 0 when no labelled pixel carries weight (every label ``ignore_index``, or only classes of
+    weight 0): there the mean is 0 / 0 = NaN, which would poison the whole loss."""
+    labelled = target != ignore_index
+    total = labelled.sum() if weight is None else weight[target[labelled]].sum()
+    if not bool(total > 0):
+        return logits.new_zeros((), dtype=torch.float32)
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
 
 
 def _prepare(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int):
     """Validate shapes and label values; return ``(logits, target, mask)``: logits upsampled
-    (bilinearly, once) to the label size, the label as ``[B, H, W]`` long, and its labelled pixels."""
+    (bilinearly, once) to the label size, the label as ``[B, H, W]`` long, and its labelled pixels.
+    Every error is one line naming both shapes (or the bad values)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise SegrewardError(f"logits and label must be torch tensors, got {type(logits).__name__} "
+                             f"and {type(target).__name__}")
+    shapes = f"logits {tuple(logits.shape)}, label {tuple(target.shape)}"
     if logits.dim() != 4:
-        raise SegrewardError(f"logits must be [B, C, H, W], got shape {tuple(logits.shape)}")
+        raise SegrewardError(f"logits must be [B, C, H, W] and the label [B, H, W]; got {shapes}")
     if target.dim() == 4 and target.shape[1] == 1:
         target = target[:, 0]
     if target.dim() != 3:
-        raise SegrewardError(f"label must be [B, H, W], got shape {tuple(target.shape)}")
+        raise SegrewardError(f"label must be [B, H, W] (or [B, 1, H, W]) for logits [B, C, H, W]; got {shapes}")
     if logits.shape[0] != target.shape[0]:
-        raise SegrewardError(f"logits batch {logits.shape[0]} differs from label batch {target.shape[0]}")
+        raise SegrewardError(f"logits batch {logits.shape[0]} differs from label batch {target.shape[0]}; got {shapes}")
     if logits.shape[1] != num_classes:
         raise SegrewardError(f"logits have {logits.shape[1]} channels but the loss was built for "
-                             f"num_classes={num_classes}")
+                             f"num_classes={num_classes}; got {shapes}")
+    if logits.numel() == 0 or target.numel() == 0:
+        raise SegrewardError(f"empty batch ({shapes}): the loss needs at least one image with pixels; "
+                             "skip empty batches before calling it")
+    if not logits.is_floating_point():
+        raise SegrewardError(f"logits must be floating point, got dtype {logits.dtype}")
+    if logits.device != target.device:
+        raise SegrewardError(f"logits are on {logits.device} but the label is on {target.device}; "
+                             "move both to the same device")
+    if target.is_floating_point():
+        fractional = target != target.round()  # e.g. labels divided by 255 by an image transform
+        if bool(fractional.any()):
+            raise SegrewardError(f"label values must be whole class ids, got {_short(target[fractional].unique()[:5].tolist())}; "
+                                 "check that the label transform does not scale or interpolate labels")
     h, w = target.shape[-2:]
     if logits.shape[-2:] != (h, w):
         if logits.shape[-2] > h or logits.shape[-1] > w:
-            raise SegrewardError(f"logits {tuple(logits.shape[-2:])} are larger than the label {(h, w)}; "
-                                 "resize the label or the logits")
+            raise SegrewardError(f"logits are larger than the label ({shapes}); resize the label or the logits")
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
     check_labels(target, num_classes, ignore_index)
     target = target.long()
@@ -307,22 +421,28 @@ class ReinforceLoss(nn.Module):
                  reward_kwargs: dict | None = None, estimator: str = "sample", scope: str = "image",
                  momentum: float = 0.9, sync: bool = True):
         super().__init__()
+        num_classes = _whole("num_classes", num_classes, 1)
+        ignore_index = _whole("ignore_index", ignore_index)
         if estimator not in ESTIMATORS:
             raise SegrewardError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
         if scope not in SCOPES:
             raise SegrewardError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+        momentum = _real("momentum", momentum)
         if not 0 <= momentum < 1:
-            raise SegrewardError(f"momentum must be in [0, 1), got {momentum}")
-        k = (4 if estimator == "sample" else 1) if k is None else k
+            raise SegrewardError(f"momentum (the running scope's discount) must be in [0, 1), got {momentum}")
+        ema_momentum = _real("ema_momentum", ema_momentum)
+        if not 0 <= ema_momentum <= 1:
+            raise SegrewardError(f"ema_momentum must be in [0, 1], got {ema_momentum}")
+        k = _whole("k", (4 if estimator == "sample" else 1) if k is None else k, 1)
         if baseline not in BASELINES:
             raise SegrewardError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
-        if int(k) < 1:
-            raise SegrewardError(f"k must be >= 1, got {k}")
-        if estimator == "sample" and baseline in ("loo", "mean") and int(k) < 2:
+        if estimator == "sample" and baseline in ("loo", "mean") and k < 2:
             raise SegrewardError(f"baseline {baseline!r} compares a sample with the other samples of its image: "
                                  f"it needs k >= 2 (got k={k}); use baseline 'greedy' or 'ema' for k=1")
-        if ce_weight < 0:
-            raise SegrewardError(f"ce_weight must be >= 0, got {ce_weight}")
+        ce_weight = _real("ce_weight", ce_weight)
+        if not ce_weight >= 0 or ce_weight == float("inf"):
+            raise SegrewardError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
+        temperature = _real("temperature", temperature)
         if estimator == "local" and not (sampler == "categorical" or isinstance(sampler, CategoricalSampler)):
             raise SegrewardError(f"estimator 'local' needs the factorised policy of sampler 'categorical', got {sampler!r}")
         self.estimator, self.scope, self.momentum, self.sync = estimator, scope, float(momentum), bool(sync)
@@ -356,11 +476,7 @@ class ReinforceLoss(nn.Module):
             sampler_kwargs["fraction"] = fraction
         self.sampler = get_sampler(sampler, **sampler_kwargs) if isinstance(sampler, str) else sampler
         self.sampler_name = sampler if isinstance(sampler, str) else type(sampler).__name__
-        if class_weight is not None:
-            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-            if class_weight.numel() != self.num_classes:
-                raise SegrewardError(f"class_weight has {class_weight.numel()} entries for {self.num_classes} classes")
-        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.register_buffer("class_weight", _class_weight(class_weight, self.num_classes), persistent=False)
         self.register_buffer("ema", torch.tensor(float("nan")))
         # Scope 'running': discounted sum of earlier batches' (I, P, L) counts, saved with the
         # loss's state dict (so checkpoints carry it); reset with reset_running().
@@ -381,7 +497,7 @@ class ReinforceLoss(nn.Module):
         loss, self.diagnostics = self._estimator(self, logits, target, mask)
         if self.ce_weight > 0:
             cw = self.class_weight.to(logits.device) if self.class_weight is not None else None
-            loss = loss + self.ce_weight * F.cross_entropy(logits, target, weight=cw, ignore_index=self.ignore_index)
+            loss = loss + self.ce_weight * _anchor_ce(logits, target, cw, self.ignore_index)
         return loss
 
     # Counts and rewards at this loss's scope, shared by both estimators.
@@ -421,7 +537,7 @@ class ReinforceLoss(nn.Module):
             # A user's callable at scope 'batch' scores the batch as one tall image: no counts to all-reduce.
             raise SegrewardError(f"reward {self.reward_name!r} has no counts form, so scope 'batch' cannot be "
                                  "all-reduced under DDP; use a built-in reward or scope 'image'")
-        return _callable_rewards(self.reward_fn, samples, target, self.scope != "image")
+        return _callable_rewards(self.reward_fn, samples, target, self.scope != "image", str(self.reward_name))
 
 
 class RewardWeightedCELoss(nn.Module):
@@ -435,11 +551,11 @@ class RewardWeightedCELoss(nn.Module):
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_weight=None):
         super().__init__()
-        self.num_classes = int(num_classes)
-        self.ignore_index = int(ignore_index)
-        if class_weight is not None:
-            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
-        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.num_classes = _whole("num_classes", num_classes, 1)
+        self.ignore_index = _whole("ignore_index", ignore_index)
+        # Per-image CE is summed over an image's labelled pixels and divided by their number
+        # (at least 1), so an image (or batch) with every label ignore_index contributes 0.
+        self.register_buffer("class_weight", _class_weight(class_weight, self.num_classes), persistent=False)
         self.diagnostics: dict[str, float] = {}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
