@@ -255,7 +255,7 @@ def _anchor_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     or 0 when no labelled pixel carries weight (every label ``ignore_index``, or only classes of
     weight 0): there the mean is 0 / 0 = NaN, which would poison the whole loss."""
     labelled = target != ignore_index
-    total = labelled.sum() if weight is None else weight[target[labelled]].sum()
+    total = labelled.sum() if weight is None else (weight[target.clamp(0, weight.numel() - 1)] * labelled).sum()
     if not bool(total > 0):
         return logits.new_zeros((), dtype=torch.float32)
     return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
@@ -408,6 +408,8 @@ class ReinforceLoss(nn.Module):
     an anchor. After each call, ``module.diagnostics`` holds floats for logging: ``reward_mean``,
     ``reward_std`` (across the K samples, averaged over images), ``adv_std``, ``greedy_reward``
     (the argmax prediction's reward), ``entropy`` (mean per-pixel entropy of the policy, nats).
+    ``class_weight`` (of the anchor): one weight per class, or the path of a ``weights.json``
+    from ``segreward stats weights``. An empty batch (``B = 0`` or no pixels) is an error.
 
     The module keeps the settings, the state (``ema``; ``running_counts``, saved in the state
     dict) and the cross-entropy anchor; the estimator itself is ``_SampleEstimator`` or
