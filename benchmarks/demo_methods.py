@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
         work = Path(args.work) / f"seed{seed}"
         per_seed[seed] = run_seed(work, s, seed, progress=False, with_reward=False)
         for m in args.methods:
-            per_seed[seed][m] = run_reward_stage(work, s, seed, m, name=f"method_{m}", progress=False)
+            per_seed[seed][m] = run_reward_stage(work, s, seed, m, name=f"method_{m}", progress=False)[f"method_{m}"]
             print(f"seed {seed} {m:18s} target {per_seed[seed][m]['target']['mIoU']:6.2f}  extra CE "
                   f"{per_seed[seed]['extra_ce']['target']['mIoU']:6.2f}", flush=True)
     rows = []

@@ -8,12 +8,15 @@ from segreward.cli import main
 def test_demo_quick_writes_report(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    for stage in ("source only", "CE fine-tuned", "+ extra CE", "+ reward tuning"):
+    for stage in ("source only", "CE fine-tuned", "+ extra CE", "+ reward tuning", "+ reward tuning + calibration",
+                  "CE fine-tuned + calibration"):
         assert stage in out
-    assert "Reward tuning minus extra CE" in out
+    assert "Reward tuning minus extra CE" in out and "Calibration alone (no training) minus extra CE" in out
     results = json.loads((tmp_path / "results.json").read_text())
     stages = results["per_seed"]["0"]
-    assert set(stages) == {"source_only", "ce_finetuned", "extra_ce", "reward_tuned"}
+    assert set(stages) == {"source_only", "ce_finetuned", "extra_ce", "reward_tuned", "ce_finetuned+cal",
+                           "extra_ce+cal", "reward_tuned+cal"}
+    assert (tmp_path / "seed0" / "reward_tuned" / "model_calibrated.safetensors").is_file()
     for stage in stages.values():
         assert 0 <= stage["target"]["mIoU"] <= 100 and 0 <= stage["source"]["mIoU"] <= 100
     for png in ("miou_curves.png", "examples.png"):

@@ -7,7 +7,10 @@
    (a) *+ extra CE* -- more cross-entropy on the same dusk images;
    (b) *+ reward tuning* -- :class:`~segreward.ReinforceLoss` with one of :data:`METHODS`
        (default :data:`DEFAULT_METHOD`, the best measured one; ``--method`` picks another);
-4. evaluate every stage on held-out dusk images (target) and day images (source, forgetting),
+4. *+ calibration* after stages 2 and 3: one logit offset per class fitted exactly on the
+   dataset-level mIoU of the labelled dusk images and folded into the weights (the trainer's
+   ``calibrate`` step; no training);
+5. evaluate every stage on held-out dusk images (target) and day images (source, forgetting),
    and write a report (markdown table, mIoU-vs-step plot, example predictions).
 """
 
@@ -37,8 +40,12 @@ METHODS = {
                          "REINFORCE, per-image mIoU, K=4, loo, CE anchor 0.5"),
 }
 DEFAULT_METHOD = "local_batch_ce"
+# Rows of the report: the stages, and the calibrated stages (``<stage>+cal``, no run folder of their own).
+CALIBRATED = ("ce_finetuned", "extra_ce", "reward_tuned")
+ROWS = (*STAGES, *(f"{st}+cal" for st in CALIBRATED))
 LABELS = {"source_only": "source only", "ce_finetuned": "CE fine-tuned", "extra_ce": "+ extra CE",
-          "reward_tuned": "+ reward tuning"}
+          "reward_tuned": "+ reward tuning", "ce_finetuned+cal": "CE fine-tuned + calibration",
+          "extra_ce+cal": "+ extra CE + calibration", "reward_tuned+cal": "+ reward tuning + calibration"}
 
 
 @dataclass
@@ -80,9 +87,16 @@ def _data(s: DemoSettings, seed: int) -> dict:
     }
 
 
+def _calibration(s: DemoSettings, seed: int) -> dict:
+    """The trainer's calibrate step, fitted on the labelled dusk images (not the replayed day ones)."""
+    return {"enabled": True, "data": _data(s, seed)["target"]["parts"][0], "mode": "exact", "kfold": 0}
+
+
 def _stage_config(name: str, work: Path, s: DemoSettings, seed: int, train_data: dict, iters: int, *,
-                  stage: str, checkpoint: Path | None, loss: dict, lr: float, schedule: str, progress: bool) -> dict:
+                  stage: str, checkpoint: Path | None, loss: dict, lr: float, schedule: str, progress: bool,
+                  calibrate: dict | None = None) -> dict:
     return {
+        "calibrate": calibrate or {},
         "name": name, "stage": stage, "seed": seed, "work_dir": str(work / name),
         "data": {"train": train_data, "val": _data(s, seed)["val"]},
         "model": {"name": "unet", "options": {"width": s.width}, "checkpoint": str(checkpoint) if checkpoint else None},
@@ -98,22 +112,36 @@ def _scores(val: dict) -> dict:
     return {dom: {"mIoU": v["mIoU"], "aAcc": v["aAcc"], "mAcc": v["mAcc"], "IoU": v["IoU"]} for dom, v in val.items()}
 
 
+def _record(results: dict, stage: str, run: dict) -> None:
+    """A stage's scores, and its calibrated scores when the run calibrated."""
+    results[stage] = _scores(run["val"])
+    if "val_calibrated" in run:
+        results[f"{stage}+cal"] = _scores(run["val_calibrated"])
+
+
 def run_reward_stage(work: Path, s: DemoSettings, seed: int, method: str, name: str = "reward_tuned",
-                     progress: bool = True) -> dict:
+                     progress: bool = True, calibrate: bool = False) -> dict:
     """The last stage with one of :data:`METHODS`, from the seed's CE fine-tuned checkpoint
-    (written by :func:`run_seed`); returns ``{"target": scores, "source": scores}``."""
+    (written by :func:`run_seed`); returns ``{name: {"target": scores, "source": scores}}``, plus
+    ``{name}+cal`` with ``calibrate``."""
     data = _data(s, seed)
     rl = train(config_from_dict(_stage_config(
         name, work, s, seed, data["target"], s.extra_iters, stage="tune",
         checkpoint=work / "ce_finetuned" / "model.safetensors", loss=dict(METHODS[method][0]), lr=s.tune_lr,
-        schedule="constant", progress=progress)), overwrite=True)
-    return _scores(rl["val"])
+        schedule="constant", progress=progress, calibrate=_calibration(s, seed) if calibrate else None)),
+        overwrite=True)
+    out: dict = {}
+    _record(out, name, rl)
+    return out
 
 
-def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True, with_reward: bool = True) -> dict:
+def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True, with_reward: bool = True,
+             calibrate: bool = True) -> dict:
     """The four stages for one seed (the last one only if ``with_reward``); returns
-    ``{stage: {"target": scores, "source": scores}}``. The demo's own stage folders are replaced
-    (``overwrite=True``): running the demo again just works."""
+    ``{stage: {"target": scores, "source": scores}}``, and ``{stage}+cal`` for the calibrated
+    stages with ``calibrate``. The demo's own stage folders are replaced (``overwrite=True``):
+    running the demo again just works."""
+    cal = _calibration(s, seed) if calibrate else None
     data = _data(s, seed)
     results = {}
     pre = train(config_from_dict(_stage_config(
@@ -123,15 +151,15 @@ def run_seed(work: Path, s: DemoSettings, seed: int, progress: bool = True, with
     ft = train(config_from_dict(_stage_config(
         "ce_finetuned", work, s, seed, data["target"], s.finetune_iters, stage="tune",
         checkpoint=work / "source_only" / "model.safetensors", loss={"type": "ce"}, lr=1e-3, schedule="poly",
-        progress=progress)), overwrite=True)
-    results["ce_finetuned"] = _scores(ft["val"])
+        progress=progress, calibrate=cal)), overwrite=True)
+    _record(results, "ce_finetuned", ft)
     extra = train(config_from_dict(_stage_config(
         "extra_ce", work, s, seed, data["target"], s.extra_iters, stage="tune",
         checkpoint=work / "ce_finetuned" / "model.safetensors", loss={"type": "ce"}, lr=s.tune_lr,
-        schedule="constant", progress=progress)), overwrite=True)
-    results["extra_ce"] = _scores(extra["val"])
+        schedule="constant", progress=progress, calibrate=cal)), overwrite=True)
+    _record(results, "extra_ce", extra)
     if with_reward:
-        results["reward_tuned"] = run_reward_stage(work, s, seed, s.method, progress=progress)
+        results.update(run_reward_stage(work, s, seed, s.method, progress=progress, calibrate=calibrate))
     return results
 
 
@@ -143,19 +171,24 @@ def summary_table(per_seed: dict[int, dict]) -> str:
     seeds = sorted(per_seed)
     fmt = "{:.2f} ± {:.2f}" if len(seeds) > 1 else "{:.2f}"
     lines = [f"| stage | target mIoU (dusk) | source mIoU (day) |", "| --- | --- | --- |"]
-    for stage in STAGES:
+    for stage in (r for r in ROWS if r in per_seed[seeds[0]]):
         cells = []
         for dom in ("target", "source"):
             m, sd = _mean_std([per_seed[sd_][stage][dom]["mIoU"] for sd_ in seeds])
             cells.append(fmt.format(m, sd) if len(seeds) > 1 else fmt.format(m))
         lines.append(f"| {LABELS[stage]} | {cells[0]} | {cells[1]} |")
     lines.append("")
-    for dom in ("target", "source"):
-        gains = [per_seed[s]["reward_tuned"][dom]["mIoU"] - per_seed[s]["extra_ce"][dom]["mIoU"] for s in seeds]
-        m, sd = _mean_std(gains)
-        per = ", ".join(f"{g:+.2f}" for g in gains)
-        lines.append(f"Reward tuning minus extra CE (same budget, seed-paired), {dom} mIoU: {m:+.2f}"
-                     + (f" ± {sd:.2f} (seeds {seeds}: {per})" if len(seeds) > 1 else f" (seed {seeds[0]})"))
+    pairs = [("reward_tuned", "Reward tuning"), ("reward_tuned+cal", "Reward tuning + calibration"),
+             ("ce_finetuned+cal", "Calibration alone (no training)"), ("extra_ce+cal", "Extra CE + calibration")]
+    for row, what in pairs:
+        if row not in per_seed[seeds[0]]:
+            continue
+        for dom in ("target", "source"):
+            gains = [per_seed[s][row][dom]["mIoU"] - per_seed[s]["extra_ce"][dom]["mIoU"] for s in seeds]
+            m, sd = _mean_std(gains)
+            per = ", ".join(f"{g:+.2f}" for g in gains)
+            lines.append(f"{what} minus extra CE (same budget, seed-paired), {dom} mIoU: {m:+.2f}"
+                         + (f" ± {sd:.2f} (seeds {seeds}: {per})" if len(seeds) > 1 else f" (seed {seeds[0]})"))
     return "\n".join(lines)
 
 
