@@ -47,6 +47,10 @@ def strings(pred, target):
     return ["good"] * pred.shape[0]
 
 
+def a_list(pred, target):
+    return [0.5] * pred.shape[0]
+
+
 def returns_none(pred, target):
     return None
 
@@ -71,6 +75,7 @@ def complex_reward(pred, target):
     (scalar, "()"),
     (one_too_many, "(7,)"),
     (strings, "'good'"),
+    (a_list, "list [0.5"),
     (returns_none, "NoneType"),
     (nan_reward, "nan"),
     (inf_reward, "inf"),
@@ -84,9 +89,9 @@ def test_a_reward_returning_the_wrong_shape_type_or_value_is_named(reward, shown
     one_line_error(lambda: loss_fn(logits, target), repr(reward.__name__), shown)
 
 
-def test_a_good_reward_as_a_list_or_integer_tensor_still_works():
+def test_a_reward_of_an_integer_or_bool_tensor_still_works():
     logits, target = inputs()
-    for reward in (lambda p, t: [1.0] * p.shape[0], lambda p, t: (p == t).flatten(1).sum(1)):
+    for reward in (lambda p, t: (p == t).flatten(1).sum(1), lambda p, t: (p == t).flatten(1).all(1)):
         loss = ReinforceLoss(C, reward=reward, k=3)(logits.requires_grad_(True), target)
         assert torch.isfinite(loss)
 

@@ -214,14 +214,12 @@ def _scope_counts(samples: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def _checked_rewards(out, name: str, n: int, what: str) -> torch.Tensor:
-    """The output of reward ``name`` for ``n`` segmentations, checked: a tensor (or anything
-    ``torch.as_tensor`` turns into real numbers) of shape ``[n]`` with finite values."""
+    """The output of reward ``name`` for ``n`` segmentations, checked: a tensor of real numbers
+    (float, int or bool), shape ``[n]``, finite. A list or array is refused rather than converted:
+    the contract is ``fn(pred, target) -> Tensor[N]``, and a tensor keeps the device."""
     if not isinstance(out, torch.Tensor):
-        try:
-            out = torch.as_tensor(out, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            raise SegrewardError(f"reward {name!r} returned {type(out).__name__} {_short(out)}; a reward must "
-                                 f"return a tensor [N] of floats, one per image ({what})") from None
+        raise SegrewardError(f"reward {name!r} returned {type(out).__name__} {_short(out)}; a reward must "
+                             f"return a torch tensor [{n}] of floats, one per image ({what})")
     if out.is_complex():
         raise SegrewardError(f"reward {name!r} returned a {out.dtype} tensor; a reward must return real numbers")
     if tuple(out.shape) != (n,):
