@@ -131,6 +131,8 @@ def test_calibrated_checkpoint_is_the_input_with_the_bias_folded(setup, calibrat
     assert meta["note"] == "kept"
     assert meta["segreward_calibration"]["offsets"] == calibrated["record"]["offsets"]
     assert list(meta["dataset_meta"]["classes"]) == ["a", "b", "c", "d"]
+    # Plain data: loads without unpickling code, as the input did.
+    torch.load(calibrated["out"], map_location="cpu", weights_only=True)
 
 
 def test_argmax_of_folded_model_is_argmax_of_logits_plus_offsets(setup, calibrated):
@@ -183,7 +185,7 @@ def test_train_split_runs_the_test_pipeline_in_order(setup, calibrated, tmp_path
 
 def test_streaming_mode(setup, calibrated, tmp_path, monkeypatch):
     out = tmp_path / "stream.pth"
-    assert _calibrate(setup, out, "--split", "test", "--mode", "streaming") == 0
+    assert _calibrate(setup, out, "--split", "test", "--mode", "streaming", "--max-sweeps", "3") == 0
     record = json.loads((tmp_path / "offsets.json").read_text())
     assert record["mode"] == "streaming" and "skipped" in record["cv"]
     assert record["reward_before"] == pytest.approx(calibrated["record"]["reward_before"], abs=1e-12)
@@ -259,6 +261,21 @@ def test_one_line_errors(setup, tmp_path, capsys, case, needle):
     assert err.startswith(f"{PROG}: error: ") and len(err.splitlines()) == 1, err
     assert needle in err
     assert not out.exists() and not (out.parent / "offsets.json").exists() and not (tmp_path / "work").exists()
+
+
+def test_warns_when_the_fit_relies_on_float_rounding(setup, tmp_path, capsys):
+    """Output stride 32 gives 1 x 1 logits per image, so an image's pixels differ only by the
+    rounding of the bilinear upsampling: the exact fit splits them, which the folded float32 model
+    cannot reproduce. The log says so."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(setup["config"]))
+    cfg.model.backbone.strides = (1, 2, 2, 2)
+    cfg.dump(str(tmp_path / "coarse.py"))
+    out = tmp_path / "cal.pth"
+    assert main([str(tmp_path / "coarse.py"), str(setup["checkpoint"]), "--split", "test", "--kfold", "0",
+                 "--out", str(out), "--work-dir", str(tmp_path / "work"), "--no-progress"]) == 0
+    assert "within float32 rounding of a tie" in capsys.readouterr().out
 
 
 def test_docs_show_the_command():

@@ -12,6 +12,9 @@ Importing registers in mmseg's registries:
 * ``DATASETS``: ``CamVidDataset`` (SegNet's 11-class CamVid, void -> ignore) and
   ``SyntheticShiftDataset`` (segreward's synthetic domain-shift data).
 
+``python -m segreward.mmseg.calibrate CONFIG CHECKPOINT`` fits reward-optimal class offsets on a
+split of the config and folds them into a checkpoint mmseg loads as it is (docs/mmseg.md).
+
 It needs the ``mmseg`` extra: ``pip install 'segreward[mmseg]'``.
 """
 
