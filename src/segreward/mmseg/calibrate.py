@@ -480,6 +480,9 @@ def calibrate(config, checkpoint, split: str = "val", out=None, overwrite: bool 
         full = {**cal.to_dict(), "classes": classes, **source, "calibrated_checkpoint": str(out)}
         atomic_write_text(offsets_path, json.dumps(full, indent=1, allow_nan=True))
         logger.info(f"calibrated checkpoint: {out} (offsets folded into {key}); offsets: {offsets_path}")
+    except SegrewardError as e:
+        logger.error(f"calibration failed: {e}")
+        raise
     finally:
         _release_logger(logger)
         backend.close()
