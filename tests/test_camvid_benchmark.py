@@ -52,6 +52,7 @@ def test_method_names_map_to_trainer_configs(bench):
     uda = bench.method_loss("local_pseudo_batch", args, [])
     assert uda["pseudo_label"]["enabled"] and uda["loss"]["scope"] == "batch"
     assert bench.method_loss("self_training", args, [])["loss"] == {"type": "ce"}
+    assert bench.method_loss("ce_lovasz", args, [])["loss"] == {"type": "lovasz", "ce_weight": 1.0}
     sampled = bench.method_loss("reinforce_categorical_greedy_ce_kl", args, [])["loss"]
     assert sampled["baseline"] == "greedy" and sampled["ce_weight"] == 0.5 and sampled["kl_weight"] == 1.0
     assert bench.methods_of("uda", ["lovasz", "local_pseudo_batch"]) == ["self_training", "local_pseudo_batch"]
@@ -60,75 +61,166 @@ def test_method_names_map_to_trainer_configs(bench):
         bench.parse(["--methods", "local_everywhere"])
 
 
+def test_seeded_augmentation_does_not_depend_on_the_global_rng():
+    """Per-sample seeded flips: the same (seed, index, draw) gives the same flip whatever the global
+    RNG did before, and the global RNG is left untouched."""
+    import torch
+    from segreward.data import transforms as T
+    from segreward.data.memory import InMemoryDataset
+    ds = InMemoryDataset(torch.randn(5, 3, 4, 6), torch.randint(0, 3, (5, 4, 6)), ["a", "b", "c"])
+    order = [0, 1, 2, 3, 4, 3, 1, 0, 2, 4] * 3
+
+    def draws(consumed: int):
+        torch.manual_seed(0)
+        torch.rand(consumed)
+        run = ds.seeded(7).with_transform(T.RandomFlip())  # the trainer's with_transform keeps the seed
+        xs = [run[i][0] for i in order]
+        return xs, torch.rand(1)
+
+    a, after_a = draws(0)
+    b, _ = draws(13)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    torch.manual_seed(0)
+    assert torch.equal(after_a, torch.rand(1))  # the augmentation drew nothing from the global RNG
+    flipped = [not torch.equal(x, ds[i][0]) for x, i in zip(a, order)]
+    assert any(flipped) and not all(flipped)
+    assert not all(torch.equal(x, y) for x, y in zip(a, draws_with(ds, 8, order)))
+
+
+def draws_with(ds, seed, order):
+    from segreward.data import transforms as T
+    run = ds.seeded(seed).with_transform(T.RandomFlip())
+    return [run[i][0] for i in order]
+
+
+def test_lr_choice_uses_the_mean_over_seeds_that_ran_the_grid(bench):
+    def row(m, seed, lr, sel, tgt=None):
+        return {"protocol": "after_ce", "method": m, "seed": seed, "lr": lr, "select_mIoU": sel,
+                "target_mIoU": sel if tgt is None else tgt, "source_mIoU": 0.0, "target_IoU": [0.0] * 11, "diag": {}}
+    runs = [row("ce", 0, 1e-3, 40), row("ce", 1, 1e-3, 30), row("ce", 0, 3e-4, 36), row("ce", 1, 3e-4, 36),
+            row("ce", 2, 1e-3, 50),  # seed 2 ran one lr only: not part of the choice
+            row("lovasz", 0, 1e-3, 37), row("lovasz", 1, 1e-3, 38),
+            row("ce+cal", 0, 1e-3, 41), row("ce+cal", 1, 1e-3, 39), row("ce+cal", 0, 3e-4, 45), row("ce+cal", 1, 3e-4, 42)]
+    summ = bench.summarize(runs)
+    rows = {r["method"]: r for r in summ["rows"]}
+    assert rows["ce"]["lr"] == 3e-4 and rows["ce"]["lr_chosen_on_seeds"] == [0, 1]  # 36 > 35 (not per seed)
+    assert rows["ce+cal"]["lr"] == 3e-4
+    d = rows["ce+cal"]["vs"]["ce"]
+    assert d["ref_lr"] == 3e-4 and d["target_diffs"] == [9, 6] and d["target_diff_mean"] == pytest.approx(7.5)
+    assert rows["ce"]["vs"]["lovasz"]["target_diffs"] == [-1, -2]
+    g = summ["goal"]
+    assert g["best"] == "ce+cal" and g["met_vs_lovasz"] and not g["met_vs_ce"]  # n=2 < 5
+
+
 def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
     make_camvid(tmp_path / "camvid")
     out = tmp_path / "res" / "camvid_da"
-    methods = ["ce", "lovasz", "reinforce_categorical_greedy_ce", "local_batch", "local_pseudo_batch"]
+    methods = ["ce", "lovasz", "ce_lovasz", "local_batch", "local_pseudo_batch"]
     args = bench.parse(["--root", str(tmp_path / "camvid"), "--eval-root", str(tmp_path / "camvid"),
                         "--seeds", "0", "1", "--size", str(H), str(W), "--width", "8", "--batch", "2",
                         "--pretrain-steps", "3", "--finetune-steps", "2", "--steps", "2", "--source-steps", "2",
-                        "--uda-steps", "2", "--k", "2", "--threshold", "0.1", "--source-eval-every", "1",
-                        "--work", str(tmp_path / "work"), "--out", str(out), "--methods", *methods])
+                        "--uda-steps", "2", "--lrs", "1e-3", "3e-3", "--source-lrs", "1e-3", "--uda-lrs", "1e-3",
+                        "--threshold", "0.1", "--source-eval-every", "1", "--work", str(tmp_path / "work"),
+                        "--out", str(out), "--methods", *methods, "--plot", str(tmp_path / "lr.png")])
     result = bench.run(args)
 
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["complete"] and saved["summary"] == json.loads(json.dumps(result["summary"]))
-    rows = {(r["protocol"], r["method"]): r for r in saved["summary"]}
-    assert set(rows) == {("after_ce", m) for m in ("ce_finetuned", "ce", "lovasz", "reinforce_categorical_greedy_ce",
-                                                    "local_batch")} \
-        | {("from_source", m) for m in ("source_only", "ce", "lovasz", "reinforce_categorical_greedy_ce",
-                                        "local_batch")} \
-        | {("uda", m) for m in ("source_only", "self_training", "local_pseudo_batch")}
+    trained = ("ce", "lovasz", "ce_lovasz", "local_batch")
+    with_cal = lambda ms: {m for x in ms for m in (x, x + "+cal")}  # noqa: E731
+    rows = {(r["protocol"], r["method"]): r for r in saved["summary"]["rows"]}
+    assert set(rows) == {("after_ce", m) for m in with_cal(("ce_finetuned",) + trained)} \
+        | {("from_source", m) for m in with_cal(("source_only",) + trained)} \
+        | {("uda", m) for m in with_cal(("source_only", "self_training", "local_pseudo_batch"))}
+    runs = {(r["protocol"], r["method"], r["seed"], r["lr"]): r for r in saved["runs"]}
+    assert {lr for (p, m, s, lr) in runs if p == "after_ce" and m == "lovasz+cal"} == {1e-3, 3e-3}
+    assert {lr for (p, m, s, lr) in runs if p == "from_source"} == {None, 1e-3}
     for key, row in rows.items():
         assert row["n"] == 2
-        if key[1] in ("ce", "self_training"):
-            assert "target_diff_mean" not in row
-            continue
-        assert row["reference"] == ("self_training" if key[0] == "uda" else "ce") and row["paired_seeds"] == [0, 1]
-        ref = rows[(key[0], row["reference"])]
-        runs = {(r["protocol"], r["method"], r["seed"]): r for r in saved["runs"]}
-        diffs = [runs[(*key, s)]["target_mIoU"] - runs[(key[0], row["reference"], s)]["target_mIoU"] for s in (0, 1)]
-        assert row["target_diff_mean"] == pytest.approx(np.mean(diffs), abs=1e-6)
-        assert row["target_mean"] - ref["target_mean"] == pytest.approx(row["target_diff_mean"], abs=1e-6)
-    # diagnostics come from the runs' logs
+        p, m = key
+        by_seed = {s: runs[(p, m, s, row["lr"])] for s in (0, 1)}
+        # the chosen lr has the best mean selection mIoU of the method's grid
+        grid = {lr for (pp, mm, s, lr) in runs if (pp, mm) == key}
+        sel = {lr: np.mean([runs[(p, m, s, lr)]["select_mIoU"] for s in (0, 1)]) for lr in grid}
+        assert sel[row["lr"]] == max(sel.values())
+        for ref in ("ce", "lovasz", "self_training"):
+            if ref == m or (p, ref) not in rows:
+                assert ref not in row["vs"]
+                continue
+            ref_lr = rows[(p, ref)]["lr"]
+            diffs = [by_seed[s]["target_mIoU"] - runs[(p, ref, s, ref_lr)]["target_mIoU"] for s in (0, 1)]
+            assert row["vs"][ref]["ref_lr"] == ref_lr
+            assert row["vs"][ref]["target_diff_mean"] == pytest.approx(np.mean(diffs), abs=1e-6)
+    # the selection split and the evaluation split are different frames here
+    r0 = runs[("after_ce", "ce", 0, 1e-3)]
+    assert set(r0) >= {"target_mIoU", "select_mIoU", "source_mIoU", "lr"}
+    # +cal: offsets fitted on the tune frames, the in-sample mIoU does not drop
+    cal = runs[("after_ce", "ce+cal", 0, 1e-3)]
+    assert cal["diag"]["cal_tune_after"] >= cal["diag"]["cal_tune_before"] - 1e-6 and len(cal["diag"]["offsets"]) == 11
+    # diagnostics come from the runs' logs; ce_lovasz trains Lovász + CE
     assert "reward_mean" in rows[("after_ce", "local_batch")]["diag"]
-    assert "reward_mean" in rows[("after_ce", "reinforce_categorical_greedy_ce")]["diag"]
+    assert {"part_lovasz", "part_ce"} <= set(rows[("after_ce", "ce_lovasz")]["diag"])
+    assert "part_ce" not in rows[("after_ce", "lovasz")]["diag"]
     assert 0 < rows[("uda", "local_pseudo_batch")]["diag"]["pseudo_fraction"] <= 1
     assert all(len(r["target_IoU"]) == 11 for r in saved["runs"])
+    assert saved["summary"]["goal"]["protocol"] == "after_ce" and not saved["summary"]["goal"]["met"]  # n = 2
     # the scored frames: the test split's dusk frames, the day frames beside them
-    assert saved["config"]["frames"]["target_eval"].startswith("3 frames of dusk 0001TP of")
-    assert "/test` (--eval-root) (0001TP_008550..0001TP_008610)" in saved["config"]["frames"]["target_eval"]
+    fr = saved["config"]["frames"]
+    assert fr["target_eval"].startswith("3 frames of dusk 0001TP of")
+    assert "/test` (--eval-root) (0001TP_008550..0001TP_008610)" in fr["target_eval"]
+    assert fr["target_select"].startswith("3 frames of dusk 0001TP of") and "last 1/3" in fr["target_select"]
+    assert (tmp_path / "lr.png").stat().st_size > 0
 
     md = out.with_suffix(".md").read_text()
     assert "target evaluation (scored): 3 frames of dusk 0001TP of" in md and "/test` (--eval-root)" in md
-    assert "last 1/3" not in md and "last third" not in md
+    assert "optimistic" not in md
     assert "source evaluation (scored): 2 frames of 0016E5 of" in md
-    assert "| Δ target vs ce |" in md and "| Δ target vs self_training |" in md
-    assert "Per-class target IoU" in md and "| lovasz | " in md and "Diagnostics" in md
+    assert "| Δ target vs ce | Δ target vs lovasz |" in md and "| Δ target vs self_training |" in md
+    assert "lr curves" in md and "Per-class target IoU" in md and "| lovasz+cal | " in md and "Diagnostics" in md
+    assert "## Goal" in md
     # method runs went through the trainer: run logs kept, weights dropped; shared stages kept
-    assert (tmp_path / "work" / "seed0" / "after_ce" / "local_batch" / "vis_data" / "scalars.json").exists()
-    assert not (tmp_path / "work" / "seed0" / "after_ce" / "local_batch" / "model.safetensors").exists()
+    assert (tmp_path / "work" / "seed0" / "after_ce" / "local_batch" / "lr0.001" / "vis_data" / "scalars.json").exists()
+    assert not (tmp_path / "work" / "seed0" / "after_ce" / "local_batch" / "lr0.001" / "model.safetensors").exists()
     assert (tmp_path / "work" / "seed1" / "finetune" / "model.safetensors").exists()
 
     # --append with the same --work reuses the shared stages and skips the recorded runs
-    args = bench.parse(args.argv + ["--append", "--seeds", "1", "2", "--protocols", "after_ce", "--methods", "ce"])
-    bench.run(args)
+    args2 = bench.parse(args.argv + ["--append", "--seeds", "1", "2", "--protocols", "after_ce", "--methods", "ce"])
+    bench.run(args2)
     again = json.loads(out.with_suffix(".json").read_text())
     assert {r["seed"] for r in again["runs"] if r["method"] == "ce"} == {0, 1, 2}
     assert len(again["config"]["commands"]) == 2
+    assert len([r for r in again["runs"] if (r["protocol"], r["method"], r["seed"]) == ("after_ce", "ce", 1)]) == 2
 
-    # --merge pools result files whose runs differ only in their seeds (parallel processes)
+    # --lrs-from runs each method at its chosen lrs only; --merge pools the files
     other = tmp_path / "res" / "other"
     first = [a for a in args.argv if a not in ("--append",)]
-    i = first.index("--out")
-    first[i + 1] = str(other)
-    bench.run(bench.parse(first + ["--seeds", "5", "--protocols", "after_ce", "--methods", "local_batch"]))
+    first[first.index("--out") + 1] = str(other)
+    bench.run(bench.parse(first + ["--seeds", "5", "--protocols", "after_ce", "--methods", "lovasz",
+                                   "--lrs-from", str(out)]))
+    five = json.loads(other.with_suffix(".json").read_text())["runs"]
+    chosen = {rows[("after_ce", m)]["lr"] for m in ("lovasz", "lovasz+cal")}
+    assert {r["lr"] for r in five if r["method"] == "lovasz"} == chosen
     merged = bench.merge([str(out), str(other)], str(tmp_path / "res" / "merged"))
     assert merged["config"]["seeds"] == [0, 1, 2, 5] and merged["config"]["processes"] == 2
-    ce_row = next(r for r in merged["summary"] if r["protocol"] == "after_ce" and r["method"] == "local_batch")
-    assert ce_row["n"] == 3 and ce_row["paired_seeds"] == [0, 1, 5]
+    lz = next(r for r in merged["summary"]["rows"] if r["protocol"] == "after_ce" and r["method"] == "lovasz")
+    assert lz["lr_chosen_on_seeds"] == ([0, 1, 5] if len(chosen) == 2 else [0, 1])  # seed 5: both lrs or one
     assert "the sum over 2 processes" in (tmp_path / "res" / "merged.md").read_text()
-    with pytest.raises(SystemExit, match="only seeds may differ"):
+    with pytest.raises(SystemExit, match="only seeds"):
         bench.run(bench.parse(first + ["--seeds", "6", "--protocols", "after_ce", "--methods", "ce", "--k", "3",
-                                       "--out", str(tmp_path / "res" / "k3")]))
+                                       "--lrs", "1e-3", "--out", str(tmp_path / "res" / "k3")]))
         bench.merge([str(out), str(tmp_path / "res" / "k3")], str(tmp_path / "res" / "bad"))
+
+
+def test_benchmark_without_a_test_split_scores_the_selection_split(bench, tmp_path):
+    make_camvid(tmp_path / "camvid")
+    out = tmp_path / "res" / "sel"
+    bench.run(bench.parse(["--root", str(tmp_path / "camvid"), "--seeds", "0", "--size", str(H), str(W),
+                           "--width", "8", "--batch", "2", "--pretrain-steps", "2", "--finetune-steps", "1",
+                           "--steps", "1", "--lrs", "1e-3", "--protocols", "after_ce", "--methods", "ce",
+                           "--source-eval-every", "1", "--out", str(out)]))
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert all(r["target_mIoU"] == r["select_mIoU"] for r in saved["runs"])
+    assert {r["method"] for r in saved["runs"]} == {"ce_finetuned", "ce_finetuned+cal", "ce", "ce+cal"}
+    assert "optimistic" in saved["config"]["frames"]["target_eval"]
+    md = out.with_suffix(".md").read_text()
+    assert "chosen on it: optimistic" in md and "No test split here" in md
