@@ -218,7 +218,8 @@ def _snapshot(cfg: Config, given: dict | None) -> dict:
 
 # Files and folders of a run in its work_dir: what --overwrite removes, and what makes a folder
 # "hold a run" that is never reused silently.
-RUN_FILES = ("config.yaml", "checkpoints", "model.safetensors", "model_meta.json", "summary.json", "vis_data")
+RUN_FILES = ("config.yaml", "checkpoints", "model.safetensors", "model_meta.json", "summary.json", "vis_data",
+             "offsets.json", "model_calibrated.safetensors")
 
 
 def existing_run(work: Path) -> list[str]:
