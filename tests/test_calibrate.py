@@ -185,3 +185,38 @@ def test_pixel_set_keeps_only_labelled_pixels():
     ps = pixel_set(logits, labels)
     assert ps.z.shape == (int((labels != IGNORE).sum()), 3)
     assert ps.image.tolist().count(0) == 12 and ps.num_images == 2
+
+
+@pytest.mark.parametrize("reward,weights", REWARDS + [({"miou": 1.0, "dice": 2.0}, None)])
+@pytest.mark.parametrize("seed", range(3))
+def test_bounded_search_equals_the_full_curve(reward, weights, seed):
+    """The branch-and-bound step (binned edges + bounds, only promising bins sorted) finds the
+    same best reward as scoring every interval, also with ties, a bound and a missing class."""
+    from segreward.calibrate import search
+    rng = np.random.default_rng(200 + seed)
+    c, m = 4, 20000
+    z, t = random_case(rng, m=m, c=c, ties=seed == 1, ignore_frac=0.0)
+    z[:, 2] += 1.0
+    zt, tt = torch.tensor(z), torch.tensor(t)
+    form = count_form(reward, c, weights)
+    label_area = torch.bincount(tt, minlength=c).double()
+    for k in range(c):
+        for bound in (None, 0.3):
+            s = zt.clone()
+            s[:, k] = -float("inf")
+            src = s.argmax(1)
+            tau = s.gather(1, src[:, None])[:, 0] - zt[:, k]
+            pred = torch.tensor(np_argmax(z, np.zeros(c)))  # the prediction as it is (first max on ties)
+            now = np_reward(pred.numpy(), t, c, reward, weights) if not isinstance(reward, dict) else \
+                sum(w * np_reward(pred.numpy(), t, c, r) for r, w in reward.items()) / sum(reward.values())
+            full = search.line_search_full(form, tau, src, tt, k, label_area, 0.0, now, bound=bound)
+            fast = search.line_search(form, tau, src, tt, k, label_area, 0.0, now, bound=bound)
+            assert fast.reward == pytest.approx(full.reward, abs=1e-12)
+            # The offset it returns really scores that reward.
+            bb = np.zeros(c)
+            bb[k] = fast.offset
+            got = np_reward(np_argmax(z, bb), t, c, reward, weights) if not isinstance(reward, dict) else \
+                sum(w * np_reward(np_argmax(z, bb), t, c, r) for r, w in reward.items()) / sum(reward.values())
+            assert got == pytest.approx(fast.reward, abs=1e-12)
+            if bound is not None:
+                assert abs(fast.offset) <= bound + 1e-12

@@ -29,7 +29,7 @@ import torch
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 
-__all__ = ["LineSearch", "line_search", "reward_curve", "class_terms", "form_reward", "EDGE_MARGIN"]
+__all__ = ["LineSearch", "line_search", "line_search_full", "reward_curve", "class_terms", "form_reward", "EDGE_MARGIN"]
 
 # Distance (logits) of the chosen offset from the outermost threshold when the best interval is
 # unbounded: far enough to be robust, near enough to stay a small change of the model.
@@ -73,16 +73,18 @@ class LineSearch:
     start_reward: float
 
 
-def _best_interval(reward: torch.Tensor, cut: torch.Tensor, current: float, current_reward: float,
-                   bound: float | None, tol: float) -> tuple[float, float]:
+def _intervals(cut: torch.Tensor, lo: float = -float("inf"), hi: float = float("inf")):
+    """Bounds ``(lo [U+1], hi [U+1])`` of the intervals between sorted breakpoints ``cut [U]``."""
+    return torch.cat([cut.new_tensor([lo]), cut]), torch.cat([cut, cut.new_tensor([hi])])
+
+
+def _best_interval(reward: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, current: float,
+                   current_reward: float, bound: float | None, tol: float) -> tuple[float, float]:
     """The offset in the middle of the best interval and its reward, or ``current`` when no
     interval beats ``current_reward`` (the reward of the offsets as they are) by more than ``tol``.
 
-    ``reward[j]``: reward on the interval ``(cut[j-1], cut[j])`` for ``j = 0..U`` (``cut`` holds the
-    ``U`` sorted distinct breakpoints; ``cut[-1] = -inf`` and ``cut[U] = +inf``).
+    ``reward[j]``: reward on the open interval ``(lo[j], hi[j])`` (bounds may be infinite).
     """
-    lo = torch.cat([cut.new_tensor([-float("inf")]), cut])
-    hi = torch.cat([cut, cut.new_tensor([float("inf")])])
     if bound is not None:  # intervals that meet [-bound, bound], clipped to it
         lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
         reward = torch.where(lo < hi, reward, torch.full_like(reward, -float("inf")))
@@ -108,23 +110,28 @@ def _best_interval(reward: torch.Tensor, cut: torch.Tensor, current: float, curr
 
 
 def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
-                 label_area: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 label_area: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cut, reward)``: the ``U`` sorted distinct thresholds and the reward on each of the
     ``U + 1`` intervals between them (``reward[j]`` on ``(cut[j-1], cut[j])``).
 
     ``tau``: ``[M]`` float64 thresholds (pixel predicts ``c`` iff ``b_c > tau``); ``src``: ``[M]``
     long, its best other class ``a_i``; ``target``: ``[M]`` long labels (valid pixels only);
-    ``label_area``: ``[C]`` float64 label counts of the whole set.
+    ``label_area``: ``[C]`` float64 label counts of the whole set. ``base``: the counts
+    ``(I [C], P [C])`` of the whole set before any of these pixels moved (default: these pixels
+    are the whole set, ``b_c = -inf``: every one at its best other class).
     """
     m = tau.numel()
     num_classes = label_area.numel()
     dev = tau.device
     lab = label_area.to(torch.float64)
     hit_src = target == src
-    # Counts with b_c = -inf: every pixel predicts its best other class.
-    p0 = torch.bincount(src, minlength=num_classes).to(torch.float64)
-    i0 = torch.bincount(src[hit_src], minlength=num_classes).to(torch.float64)
-    p0[c], i0[c] = 0.0, 0.0
+    if base is None:  # b_c = -inf: every pixel predicts its best other class
+        p0 = torch.bincount(src, minlength=num_classes).to(torch.float64)
+        i0 = torch.bincount(src[hit_src], minlength=num_classes).to(torch.float64)
+        p0[c], i0[c] = 0.0, 0.0
+    else:
+        i0, p0 = (v.to(torch.float64) for v in base)
 
     # One sort of the thresholds; the pixel's facts travel packed in one integer.
     tau_s, order = torch.sort(tau, stable=True)
@@ -161,7 +168,7 @@ def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target
         # Back to threshold order (one scatter per quantity), then the running sums over moves.
         d_num = torch.empty(m, dtype=torch.float64, device=dev).index_copy_(0, by_src, a_new - a_old)
         d_den = torch.empty(m, dtype=torch.float64, device=dev).index_copy_(0, by_src, b_new - b_old)
-        a_c, b_c = class_terms(terms, ic, steps, lab[c].expand(m + 1), w_c)
+        a_c, b_c = class_terms(terms, ic + i0[c], steps + p0[c], lab[c].expand(m + 1), w_c)
         num = torch.cat([a0.new_zeros(1), torch.cumsum(d_num, 0)]).add_(a_c).add_(a0[others].sum())
         den = torch.cat([b0.new_zeros(1), torch.cumsum(d_den, 0)]).add_(b_c).add_(b0[others].sum())
         part = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
@@ -183,9 +190,100 @@ def line_search(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target:
     ``current`` is ``b_c`` now and ``current_reward`` the reward of the offsets as they are: the
     offset stays unless an interval beats it by more than ``tol``, so a step never lowers the reward.
     """
-    cut, reward = reward_curve(form, tau, src, target, c, label_area)
-    x, r = _best_interval(reward, cut, current, current_reward, bound, tol)
+    m = tau.numel()
+    if m <= _SMALL:
+        cut, reward = reward_curve(form, tau, src, target, c, label_area)
+        x, r = _best_interval(reward, *_intervals(cut), current, current_reward, bound, tol)
+    else:
+        x, r = _bounded_search(form, tau, src, target, c, label_area, current, current_reward, bound, tol)
     return LineSearch(offset=x, reward=r, start_reward=current_reward)
+
+
+def line_search_full(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
+                     label_area: torch.Tensor, current: float, current_reward: float, bound: float | None = None,
+                     tol: float = 1e-12) -> LineSearch:
+    """:func:`line_search` by the reward at every one of the ``M + 1`` intervals (one full sort)."""
+    cut, reward = reward_curve(form, tau, src, target, c, label_area)
+    x, r = _best_interval(reward, *_intervals(cut), current, current_reward, bound, tol)
+    return LineSearch(offset=x, reward=r, start_reward=current_reward)
+
+
+_SMALL = 8192  # below this many pixels one full sort is cheapest
+
+
+def _upper_bound(form: CountReward, i_hi: torch.Tensor, p_lo: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+    """An upper bound of the reward over every state whose counts satisfy ``I <= i_hi`` and
+    ``P >= p_lo`` (per class; rows of ``[K, C]``). Every built-in term ``a`` grows with ``I`` and
+    falls with ``P``, and ``b`` is smallest there too (a class is least often present), so
+    ``sum a(i_hi, p_lo) / sum b(i_hi, p_lo)`` bounds ``Num / Den``; infinite where that ``Den`` is 0."""
+    total, weight = 0.0, 0.0
+    for terms, w in form.parts:
+        a, b = terms(i_hi, p_lo.clamp_min(0), lab)
+        num, den = a.sum(-1), b.sum(-1)
+        total = total + w * torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)),
+                                        torch.full_like(den, float("inf")))
+        weight += w
+    return total / weight
+
+
+def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, current: float,
+                    current_reward: float, bound: float | None, tol: float) -> tuple[float, float]:
+    """The exact best interval without sorting all thresholds (branch and bound).
+
+    The thresholds are binned (bins that are monotone in ``tau``, so "every pixel of bins
+    ``< e`` has moved" is a reachable state for each edge ``e``); one histogram gives the exact
+    reward at every edge. Inside a bin the counts of each class stay between their values at the
+    bin's two edges, which bounds the reward there (:func:`_upper_bound`); only bins whose bound
+    beats the best reward found are sorted and searched exactly, best bound first.
+    """
+    m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
+    lab = label_area.to(torch.float64)
+    nb = int(min(4096, max(64, m // 128)))
+    t_lo, t_hi = float(tau.min()), float(tau.max())
+    if not t_hi > t_lo:
+        cut, reward = reward_curve(form, tau, src, target, c, label_area)
+        return _best_interval(reward, *_intervals(cut), current, current_reward, bound, tol)
+    idx = ((tau - t_lo) / ((t_hi - t_lo) / nb)).floor_().long().clamp_(0, nb - 1)
+    state = (target == src).long() + 2 * (target == c).long()
+    h = torch.bincount((idx * num_classes + src) * 3 + state, minlength=nb * num_classes * 3)
+    h = h.view(nb, num_classes, 3).to(torch.float64)
+    # Counts at every edge e (bins < e moved): [nb + 1, C].
+    zero = h.new_zeros(1, num_classes)
+    moved = torch.cat([zero, torch.cumsum(h.sum(-1), 0)])
+    lost = torch.cat([zero, torch.cumsum(h[..., 1], 0)])
+    into_c = torch.cat([h.new_zeros(1), torch.cumsum(h[..., 2].sum(-1), 0)])
+    per_src = h.sum(0)
+    p_e, i_e = per_src.sum(-1) - moved, per_src[:, 1] - lost
+    p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
+    lab_e = lab.expand_as(p_e)
+    edge_reward = reward_from_counts(form, i_e, p_e, lab_e)
+    # The offsets that give edge e's state: (largest tau below it, smallest tau at or above it).
+    inf = float("inf")
+    t_max = torch.full((nb,), -inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amax")
+    t_min = torch.full((nb,), inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amin")
+    below = torch.cat([t_max.new_full((1,), -inf), torch.cummax(t_max, 0).values])
+    above = torch.cat([torch.flip(torch.cummin(torch.flip(t_min, [0]), 0).values, [0]), t_min.new_full((1,), inf)])
+    lows, highs, rewards = [below], [above], [edge_reward]
+    # Bounds inside each bin with at least two distinct thresholds; search the promising ones.
+    inside = t_max > t_min
+    ub = _upper_bound(form, torch.maximum(i_e[:-1], i_e[1:]), torch.minimum(p_e[:-1], p_e[1:]), lab_e[:-1])
+    ub = torch.where(inside, ub, torch.full_like(ub, -inf))
+    allowed = edge_reward if bound is None else \
+        torch.where((below.clamp(min=-bound) < above.clamp(max=bound)), edge_reward, torch.full_like(edge_reward, -inf))
+    best = max(float(allowed.max()), current_reward)
+    for k in torch.argsort(ub, descending=True).tolist():
+        if float(ub[k]) <= best + tol:
+            break
+        sel = torch.nonzero(idx == k).flatten()
+        cut, reward = reward_curve(form, tau[sel], src[sel], target[sel], c, label_area, base=(i_e[k], p_e[k]))
+        lo, hi = _intervals(cut, float(below[k]), float(above[k + 1]))
+        lows.append(lo)
+        highs.append(hi)
+        rewards.append(reward)
+        ok = reward if bound is None else \
+            torch.where(lo.clamp(min=-bound) < hi.clamp(max=bound), reward, torch.full_like(reward, -inf))
+        best = max(best, float(ok.max()))
+    return _best_interval(torch.cat(rewards), torch.cat(lows), torch.cat(highs), current, current_reward, bound, tol)
 
 
 def check_count_form(spec, num_classes: int, class_weights=None) -> CountReward:
