@@ -599,27 +599,27 @@ def _(base, tmp):
     ClassFrequencies.from_dict({"num_classes": 4, "counts": [1, 2]})
 
 
-@lib("reinforce-reward-wrong-shape", "reward", marks=pytest.mark.xfail(strict=False, reason=PENDING))
+@lib("reinforce-reward-wrong-shape", "reward")
 def _(base, tmp):
     from segreward import ReinforceLoss
     loss = ReinforceLoss(3, reward=lambda pred, target: torch.zeros(2, 2, 2), k=2)
     loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
 
 
-@lib("reinforce-reward-wrong-type", "reward", marks=pytest.mark.xfail(strict=False, reason=PENDING))
+@lib("reinforce-reward-wrong-type", "reward")
 def _(base, tmp):
     from segreward import ReinforceLoss
     loss = ReinforceLoss(3, reward=lambda pred, target: [0.0] * pred.shape[0], k=2)
     loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
 
 
-@lib("reinforce-empty-batch", "batch", marks=pytest.mark.xfail(strict=False, reason=PENDING))
+@lib("reinforce-empty-batch", "batch")
 def _(base, tmp):
     from segreward import ReinforceLoss
     ReinforceLoss(3, k=2)(torch.randn(0, 3, 4, 4), torch.zeros(0, 4, 4, dtype=torch.long))
 
 
-@lib("reinforce-class-weight-path", "nowhere.json", marks=pytest.mark.xfail(strict=False, reason=PENDING))
+@lib("reinforce-class-weight-path", "nowhere.json")
 def _(base, tmp):
     from segreward import ReinforceLoss
     ReinforceLoss(3, k=2, class_weight=str(tmp / "nowhere.json"))
