@@ -409,23 +409,26 @@ def run(args) -> dict:
             for protocol in args.protocols:
                 steps = budget[protocol]
                 lrs = list(dict.fromkeys(lr for m in methods[protocol] for lr in plan[(protocol, m)]))
-                for lr in lrs:  # every method at one lr before the next lr: a stopped run has whole lr columns
-                    for method in (m for m in methods[protocol] if lr in plan[(protocol, m)]):
-                        if {(protocol, method, seed, lr), (protocol, method + CAL, seed, lr)} <= done:
-                            bar.update(steps)
-                            continue
-                        t0 = time.perf_counter()
-                        work = sdir / protocol / method / f"lr{lr:g}"
-                        cfg = run_config(args, work, seed + 2, "tune", steps, lr,
-                                         ce if protocol == "after_ce" else src, method_loss(method, args, weights))
-                        bar.set_postfix_str(f"seed {seed} {protocol} {method} lr {lr:g}")
-                        s = run_stage(cfg, data, seeded_tune, args)
-                        diag = diagnostics(work)
-                        record_with_cal(protocol, method, seed, lr, steps, s, work / "model.safetensors", diag, t0)
-                        if not args.keep_weights:
-                            shutil.rmtree(work / "checkpoints", ignore_errors=True)
-                            (work / "model.safetensors").unlink(missing_ok=True)
+                # --order lr: every method at one lr before the next lr (a stopped run has whole lr
+                # columns); --order method: a method's whole lr grid before the next method
+                todo = ([(m, lr) for lr in lrs for m in methods[protocol] if lr in plan[(protocol, m)]]
+                        if args.order == "lr" else [(m, lr) for m in methods[protocol] for lr in plan[(protocol, m)]])
+                for method, lr in todo:
+                    if {(protocol, method, seed, lr), (protocol, method + CAL, seed, lr)} <= done:
                         bar.update(steps)
+                        continue
+                    t0 = time.perf_counter()
+                    work = sdir / protocol / method / f"lr{lr:g}"
+                    cfg = run_config(args, work, seed + 2, "tune", steps, lr,
+                                     ce if protocol == "after_ce" else src, method_loss(method, args, weights))
+                    bar.set_postfix_str(f"seed {seed} {protocol} {method} lr {lr:g}")
+                    s = run_stage(cfg, data, seeded_tune, args)
+                    diag = diagnostics(work)
+                    record_with_cal(protocol, method, seed, lr, steps, s, work / "model.safetensors", diag, t0)
+                    if not args.keep_weights:
+                        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+                        (work / "model.safetensors").unlink(missing_ok=True)
+                    bar.update(steps)
     finally:
         bar.close()
         if temp_work:
@@ -710,7 +713,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     added up."""
     results = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
-              "source_lrs", "uda_lrs", "lrs_from", "plot"}
+              "source_lrs", "uda_lrs", "lrs_from", "plot", "order"}
     base = {k: v for k, v in results[0]["config"].items() if k not in ignore}
     runs: dict[tuple, dict] = {}
     for path, res in zip(paths, results):
@@ -756,6 +759,8 @@ def parse(argv=None):
                    help="lr grid of every after_ce method (and of from_source/uda unless given)")
     p.add_argument("--source-lrs", nargs="+", type=float, default=None, help="lr grid of from_source (default --lrs)")
     p.add_argument("--uda-lrs", nargs="+", type=float, default=None, help="lr grid of uda (default --lrs)")
+    p.add_argument("--order", default="lr", choices=["lr", "method"],
+                   help="per seed: all methods at one lr, then the next lr (lr), or each method's whole grid in turn")
     p.add_argument("--lrs-from", default=None, metavar="RESULT",
                    help="run each method only at the lrs chosen in this result file (its own and its +cal pipeline's)")
     p.add_argument("--steps", "--extra-steps", dest="extra_steps", type=int, default=200,
