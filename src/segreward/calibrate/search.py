@@ -34,6 +34,15 @@ __all__ = ["LineSearch", "line_search", "line_search_full", "reward_curve", "cla
 # Distance (logits) of the chosen offset from the outermost threshold when the best interval is
 # unbounded: far enough to be robust, near enough to stay a small change of the model.
 EDGE_MARGIN = 1.0
+# Thresholds closer than TIE_EPS * max(1, |threshold|) are one breakpoint: an offset between them
+# would split pixels whose logits differ only by float32 rounding, a split the folded float32
+# model cannot reproduce. Every chosen offset keeps at least half that distance from a threshold.
+TIE_EPS = 1e-5
+
+
+def tie_eps(tau: torch.Tensor) -> float:
+    """The merge distance of breakpoints for thresholds ``tau``."""
+    return TIE_EPS * max(1.0, float(tau.abs().max())) if tau.numel() else TIE_EPS
 
 
 def class_terms(terms, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor, weight: torch.Tensor | None = None):
@@ -73,21 +82,17 @@ class LineSearch:
     start_reward: float
 
 
-def _intervals(cut: torch.Tensor, lo: float = -float("inf"), hi: float = float("inf")):
-    """Bounds ``(lo [U+1], hi [U+1])`` of the intervals between sorted breakpoints ``cut [U]``."""
-    return torch.cat([cut.new_tensor([lo]), cut]), torch.cat([cut, cut.new_tensor([hi])])
-
-
 def _best_interval(reward: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, current: float,
-                   current_reward: float, bound: float | None, tol: float) -> tuple[float, float]:
+                   current_reward: float, bound: float | None, tol: float, eps: float = 0.0) -> tuple[float, float]:
     """The offset in the middle of the best interval and its reward, or ``current`` when no
     interval beats ``current_reward`` (the reward of the offsets as they are) by more than ``tol``.
 
-    ``reward[j]``: reward on the open interval ``(lo[j], hi[j])`` (bounds may be infinite).
+    ``reward[j]``: reward on the open interval ``(lo[j], hi[j])`` (bounds may be infinite);
+    intervals not wider than ``eps`` are not used (see :data:`TIE_EPS`).
     """
     if bound is not None:  # intervals that meet [-bound, bound], clipped to it
         lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
-        reward = torch.where(lo < hi, reward, torch.full_like(reward, -float("inf")))
+    reward = torch.where(hi - lo > eps, reward, torch.full_like(reward, -float("inf")))
     best = float(reward.max())
     if best <= current_reward + tol:
         return current, current_reward
@@ -110,10 +115,13 @@ def _best_interval(reward: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cur
 
 
 def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
-                 label_area: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cut, reward)``: the ``U`` sorted distinct thresholds and the reward on each of the
-    ``U + 1`` intervals between them (``reward[j]`` on ``(cut[j-1], cut[j])``).
+                 label_area: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 eps: float = 0.0, ends: tuple[float, float] = (-float("inf"), float("inf"))
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lo, hi, reward)``: every state the offset ``b_c`` can reach, as the open interval
+    ``(lo[j], hi[j])`` of offsets that give it and its reward. Sorted thresholds closer than
+    ``eps`` form one breakpoint (their pixels move together); ``ends``: the bounds of the first
+    and last interval (infinite, or the neighbouring thresholds when these pixels are a slice).
 
     ``tau``: ``[M]`` float64 thresholds (pixel predicts ``c`` iff ``b_c > tau``); ``src``: ``[M]``
     long, its best other class ``a_i``; ``target``: ``[M]`` long labels (valid pixels only);
@@ -175,11 +183,14 @@ def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target
         total = w * part if total is None else total.add_(part, alpha=w)
         weight += w
     reward = total / weight  # [M + 1]: after j = 0..M moves
-    # Tied thresholds move together: only the last move of a tie group is a reachable state.
+    # Tied thresholds move together: only the last move of a tie group is a reachable state, for
+    # offsets between that group's last threshold and the next group's first.
     last_of_group = torch.ones(m + 1, dtype=torch.bool, device=dev)
     if m > 1:
-        last_of_group[1:m] = tau_s[1:] > tau_s[:-1]
-    return tau_s[last_of_group[1:]], reward[last_of_group]
+        last_of_group[1:m] = (tau_s[1:] - tau_s[:-1]) > eps
+    lo = torch.cat([tau_s.new_tensor([ends[0]]), tau_s])[last_of_group]
+    hi = torch.cat([tau_s, tau_s.new_tensor([ends[1]])])[last_of_group]
+    return lo, hi, reward[last_of_group]
 
 
 def line_search(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
@@ -190,12 +201,9 @@ def line_search(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target:
     ``current`` is ``b_c`` now and ``current_reward`` the reward of the offsets as they are: the
     offset stays unless an interval beats it by more than ``tol``, so a step never lowers the reward.
     """
-    m = tau.numel()
-    if m <= _SMALL:
-        cut, reward = reward_curve(form, tau, src, target, c, label_area)
-        x, r = _best_interval(reward, *_intervals(cut), current, current_reward, bound, tol)
-    else:
-        x, r = _bounded_search(form, tau, src, target, c, label_area, current, current_reward, bound, tol)
+    if tau.numel() <= _SMALL:
+        return line_search_full(form, tau, src, target, c, label_area, current, current_reward, bound, tol)
+    x, r = _bounded_search(form, tau, src, target, c, label_area, current, current_reward, bound, tol)
     return LineSearch(offset=x, reward=r, start_reward=current_reward)
 
 
@@ -203,8 +211,9 @@ def line_search_full(form: CountReward, tau: torch.Tensor, src: torch.Tensor, ta
                      label_area: torch.Tensor, current: float, current_reward: float, bound: float | None = None,
                      tol: float = 1e-12) -> LineSearch:
     """:func:`line_search` by the reward at every one of the ``M + 1`` intervals (one full sort)."""
-    cut, reward = reward_curve(form, tau, src, target, c, label_area)
-    x, r = _best_interval(reward, *_intervals(cut), current, current_reward, bound, tol)
+    eps = tie_eps(tau)
+    lo, hi, reward = reward_curve(form, tau, src, target, c, label_area, eps=eps)
+    x, r = _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
     return LineSearch(offset=x, reward=r, start_reward=current_reward)
 
 
@@ -239,10 +248,11 @@ def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, cur
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
     nb = int(min(4096, max(64, m // 128)))
+    eps = tie_eps(tau)
     t_lo, t_hi = float(tau.min()), float(tau.max())
-    if not t_hi > t_lo:
-        cut, reward = reward_curve(form, tau, src, target, c, label_area)
-        return _best_interval(reward, *_intervals(cut), current, current_reward, bound, tol)
+    if not t_hi - t_lo > eps:
+        lo, hi, reward = reward_curve(form, tau, src, target, c, label_area, eps=eps)
+        return _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
     idx = ((tau - t_lo) / ((t_hi - t_lo) / nb)).floor_().long().clamp_(0, nb - 1)
     state = (target == src).long() + 2 * (target == c).long()
     h = torch.bincount((idx * num_classes + src) * 3 + state, minlength=nb * num_classes * 3)
@@ -264,26 +274,28 @@ def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, cur
     below = torch.cat([t_max.new_full((1,), -inf), torch.cummax(t_max, 0).values])
     above = torch.cat([torch.flip(torch.cummin(torch.flip(t_min, [0]), 0).values, [0]), t_min.new_full((1,), inf)])
     lows, highs, rewards = [below], [above], [edge_reward]
-    # Bounds inside each bin with at least two distinct thresholds; search the promising ones.
-    inside = t_max > t_min
+    # Bounds inside each bin with two thresholds further apart than eps; search the promising ones.
+    inside = (t_max - t_min) > eps
     ub = _upper_bound(form, torch.maximum(i_e[:-1], i_e[1:]), torch.minimum(p_e[:-1], p_e[1:]), lab_e[:-1])
     ub = torch.where(inside, ub, torch.full_like(ub, -inf))
-    allowed = edge_reward if bound is None else \
-        torch.where((below.clamp(min=-bound) < above.clamp(max=bound)), edge_reward, torch.full_like(edge_reward, -inf))
-    best = max(float(allowed.max()), current_reward)
+    def usable(reward, lo, hi):  # rewards of the intervals an offset may be chosen in
+        if bound is not None:
+            lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
+        return torch.where(hi - lo > eps, reward, torch.full_like(reward, -inf))
+
+    best = max(float(usable(edge_reward, below, above).max()), current_reward)
     for k in torch.argsort(ub, descending=True).tolist():
         if float(ub[k]) <= best + tol:
             break
         sel = torch.nonzero(idx == k).flatten()
-        cut, reward = reward_curve(form, tau[sel], src[sel], target[sel], c, label_area, base=(i_e[k], p_e[k]))
-        lo, hi = _intervals(cut, float(below[k]), float(above[k + 1]))
+        lo, hi, reward = reward_curve(form, tau[sel], src[sel], target[sel], c, label_area, base=(i_e[k], p_e[k]),
+                                      eps=eps, ends=(float(below[k]), float(above[k + 1])))
         lows.append(lo)
         highs.append(hi)
         rewards.append(reward)
-        ok = reward if bound is None else \
-            torch.where(lo.clamp(min=-bound) < hi.clamp(max=bound), reward, torch.full_like(reward, -inf))
-        best = max(best, float(ok.max()))
-    return _best_interval(torch.cat(rewards), torch.cat(lows), torch.cat(highs), current, current_reward, bound, tol)
+        best = max(best, float(usable(reward, lo, hi).max()))
+    return _best_interval(torch.cat(rewards), torch.cat(lows), torch.cat(highs), current, current_reward, bound,
+                          tol, eps)
 
 
 def check_count_form(spec, num_classes: int, class_weights=None) -> CountReward:
