@@ -170,7 +170,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summary_table(per_seed: dict[int, dict]) -> str:
     seeds = sorted(per_seed)
     fmt = "{:.2f} ± {:.2f}" if len(seeds) > 1 else "{:.2f}"
-    lines = [f"| stage | target mIoU (dusk) | source mIoU (day) |", "| --- | --- | --- |"]
+    lines = ["| stage | target mIoU (dusk) | source mIoU (day) |", "| --- | --- | --- |"]
     for stage in (r for r in ROWS if r in per_seed[seeds[0]]):
         cells = []
         for dom in ("target", "source"):

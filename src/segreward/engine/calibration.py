@@ -21,15 +21,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from segreward.calibrate import Calibration, fit_offsets, fit_offsets_streaming
-from segreward.calibrate.exact import PixelSet, flatten_labelled
+from segreward.calibrate import Calibration
+from segreward.calibrate.passes import MODES as CALIBRATE_MODES
+from segreward.calibrate.passes import fit_passes
 from segreward.engine.builders import dataset_info, resize_logits
 from segreward.errors import SegrewardError
 
-__all__ = ["CALIBRATE_MODES", "calibrate_model", "model_batches", "write_calibration", "format_calibration"]
+__all__ = ["CALIBRATE_MODES", "calibrate_model", "model_batches", "resolve_device", "write_calibration",
+           "format_calibration"]
 
-CALIBRATE_MODES = ("auto", "exact", "streaming")
-EXACT_LIMIT = 50_000_000  # labelled pixels x classes held in exact mode by "auto" (400 MB of float64)
 
 
 def model_batches(model: nn.Module, dataset: Dataset, batch_size: int = 8, device="cpu", rank: int = 0,
@@ -57,46 +57,21 @@ def model_batches(model: nn.Module, dataset: Dataset, batch_size: int = 8, devic
     return passes
 
 
-def _collect(passes, num_classes: int, ignore_index: int) -> PixelSet:
-    zs, ts, images, n = [], [], [], 0
-    for logits, labels in passes():
-        z, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, where="calibration batch")
-        zs.append(z.cpu())
-        ts.append(t.cpu())
-        images.append(image.cpu() + n)
-        n += labels.shape[0]
-    if not ts or sum(t.numel() for t in ts) == 0:
-        raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    return PixelSet(torch.cat(zs), torch.cat(ts), torch.cat(images), n)
-
-
 def calibrate_model(model: nn.Module, dataset: Dataset, reward="miou", mode: str = "auto", kfold: int | None = 5,
                     bound: float | None = None, max_sweeps: int = 20, bins: int = 1024, span: float = 8.0,
                     class_weights=None, batch_size: int = 8, device="cpu", rank: int = 0, world: int = 1,
                     progress: bool = True) -> Calibration:
     """Fit offsets of ``model`` on ``dataset`` (``(image, label)`` items with a ``meta``/``classes``)."""
-    if mode not in CALIBRATE_MODES:
-        raise SegrewardError(f"calibration mode {mode!r} is not valid; choose one of: {', '.join(CALIBRATE_MODES)}")
     num_classes, ignore_index, _ = dataset_info(dataset)
     model_classes = getattr(model, "num_classes", None)
     if isinstance(model_classes, int) and model_classes != num_classes:
         raise SegrewardError(f"the model has num_classes={model_classes} but the calibration data has "
                              f"{num_classes} classes")
-    if mode == "auto":
-        x, y = dataset[0]
-        mode = "exact" if len(dataset) * y.numel() * num_classes <= EXACT_LIMIT else "streaming"
+    values = len(dataset) * dataset[0][1].numel() * num_classes if mode == "auto" else None
     passes = model_batches(model, dataset, batch_size, device, rank, world, desc="logits", progress=progress)
-    if mode == "exact":
-        if world > 1:
-            raise SegrewardError("exact calibration runs on one process; use mode streaming under DDP")
-        pixels = _collect(passes, num_classes, ignore_index)
-        return fit_offsets(pixels, None, reward=reward, class_weights=class_weights, max_sweeps=max_sweeps,
-                           bound=bound, kfold=kfold, progress=progress)
-    cal = fit_offsets_streaming(passes, num_classes, reward=reward, ignore_index=ignore_index,
-                                class_weights=class_weights, max_sweeps=max_sweeps, bound=bound, bins=bins,
-                                span=span, progress=progress)
-    if kfold:
-        cal.cv = {"skipped": "the k-fold estimate needs mode exact (it refits k times)"}
+    cal, _ = fit_passes(passes, num_classes, ignore_index, mode=mode, values=values, reward=reward, kfold=kfold,
+                        bound=bound, max_sweeps=max_sweeps, bins=bins, span=span, class_weights=class_weights,
+                        distributed=world > 1, progress=progress)
     return cal
 
 
@@ -143,7 +118,8 @@ def write_calibration(out_dir: str | Path, model: nn.Module, cal: Calibration, c
     return {"offsets": str(out / "offsets.json"), "weights": str(out / weights_name)}
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda[:N]`` as a device that exists here, or a one-line error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -221,7 +197,7 @@ def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, ov
     from segreward.engine.builders import read_class_weight
     if kfold is not None and kfold < 0 or kfold == 1:
         raise SegrewardError(f"--kfold must be 0 (off) or >= 2, got {kfold}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     net, weights, classes = _resolve_model(model)
     dataset = _resolve_data(data, split, fmt, size)
     num_classes, _, data_classes = dataset_info(dataset)

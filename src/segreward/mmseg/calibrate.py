@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from segreward.calibrate import Calibration, PixelSet, fit_offsets, fit_offsets_streaming
-from segreward.calibrate.exact import flatten_labelled
+from segreward.calibrate import Calibration, PixelSet
+from segreward.calibrate.passes import MODES
 from segreward.calibrate.folding import fold_state_dict
 from segreward.calibrate.search import check_count_form
 from segreward.errors import SegrewardError
@@ -49,7 +49,6 @@ __all__ = ["SPLITS", "build_parser", "calibrate", "calibrate_segmentor", "calibr
            "segmentor_batches", "split_dataloader_cfg", "main"]
 
 PROG = "segreward.mmseg.calibrate"
-MODES = ("auto", "exact", "streaming")
 # split -> (data loader key, evaluator key whose ignore_index mmseg's IoUMetric applies)
 SPLITS = {"val": ("val_dataloader", "val_evaluator"), "test": ("test_dataloader", "test_evaluator"),
           "train": ("train_dataloader", "val_evaluator")}
@@ -258,43 +257,21 @@ def segmentor_batches(model: nn.Module, loader, progress: bool = False, desc: st
     return passes
 
 
-def _collect(passes, num_classes: int, ignore_index: int) -> PixelSet:
-    zs, ts, images, n = [], [], [], 0
-    for logits, labels in passes():
-        z, t, _ = flatten_labelled(logits, labels, num_classes, ignore_index, where=f"image {n}")
-        zs.append(z.cpu())
-        ts.append(t.cpu())
-        images.append(torch.full_like(ts[-1], n))
-        n += 1
-    if not ts or sum(t.numel() for t in ts) == 0:
-        raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    return PixelSet(torch.cat(zs), torch.cat(ts), torch.cat(images), n)
-
-
 def calibrate_segmentor(model: nn.Module, loader, num_classes: int, ignore_index: int = 255, reward="miou",
                         mode: str = "auto", kfold: int | None = 5, bound: float | None = None,
                         max_sweeps: int = 20, bins: int = 1024, span: float = 8.0, class_weights=None,
                         progress: bool = False) -> Calibration:
     """Fit offsets for an mmseg segmentor on a data loader of its (labelled) images."""
-    from segreward.engine.calibration import EXACT_LIMIT
+    from segreward.calibrate.passes import fit_passes
 
-    if mode not in MODES:
-        raise SegrewardError(f"calibration mode {mode!r} is not valid; choose one of: {', '.join(MODES)}")
-    if mode == "auto":
-        h, w = loader.dataset[0]["data_samples"].metainfo["ori_shape"][:2]
-        mode = "exact" if len(loader.dataset) * h * w * num_classes <= EXACT_LIMIT else "streaming"
+    h, w = loader.dataset[0]["data_samples"].metainfo["ori_shape"][:2] if mode == "auto" else (0, 0)
     passes = segmentor_batches(model, loader, progress=progress)
-    if mode == "exact":
-        pixels = _collect(passes, num_classes, ignore_index)
-        cal = fit_offsets(pixels, None, reward=reward, class_weights=class_weights, max_sweeps=max_sweeps,
-                          bound=bound, kfold=kfold, progress=progress)
+    cal, pixels = fit_passes(passes, num_classes, ignore_index, mode=mode,
+                             values=len(loader.dataset) * h * w * num_classes, reward=reward, kfold=kfold,
+                             bound=bound, max_sweeps=max_sweeps, bins=bins, span=span, class_weights=class_weights,
+                             progress=progress)
+    if pixels is not None:
         _warn_near_boundary(pixels, cal.offsets)
-        return cal
-    cal = fit_offsets_streaming(passes, num_classes, reward=reward, ignore_index=ignore_index,
-                                class_weights=class_weights, max_sweeps=max_sweeps, bound=bound, bins=bins,
-                                span=span, progress=progress)
-    if kfold:
-        cal.cv = {"skipped": "the k-fold estimate needs mode exact (it refits k times)"}
     return cal
 
 
@@ -381,18 +358,6 @@ def _log_scalars(backend, cal: Calibration) -> None:
     backend.add_scalars(final, step=max(1, cal.sweeps))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SegrewardError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SegrewardError(f"--device {name}: this torch build sees no CUDA device; use cpu")
-    return dev
-
-
 def calibrate(config, checkpoint, split: str = "val", out=None, overwrite: bool = False, reward="miou",
               class_weights=None, mode: str = "auto", kfold: int | None = 5, bound: float | None = None,
               max_sweeps: int = 20, bins: int = 1024, span: float = 8.0, batch_size: int | None = None,
@@ -424,7 +389,8 @@ def calibrate(config, checkpoint, split: str = "val", out=None, overwrite: bool 
     out = check_output_file(out, "--out", inputs=inputs, overwrite=overwrite)
     offsets_path = check_output_file(out.parent / OFFSETS_NAME, "--out (offsets.json next to it)", inputs=inputs,
                                      overwrite=overwrite)
-    dev = _device(device)
+    from segreward.engine.calibration import resolve_device
+    dev = resolve_device(device)
 
     try:
         cfg = load_config(str(config), work_dir=None if work_dir is None else str(work_dir), cfg_options=cfg_options)
