@@ -552,6 +552,7 @@ def markdown(result: dict) -> str:
     fr = cfg["frames"]
     summ = result["summary"]
     optimistic = cfg.get("eval_root") is None
+    ran = {r["protocol"] for r in summ["rows"]}
     scored = "selection split, chosen on it: optimistic" if optimistic else "evaluation set"
     lines = ["# CamVid day -> dusk: each method at its best lr, with and without calibration", "",
              "Commands: " + "; then ".join(f"`{c}`" for c in cfg["commands"]) + "  ",
@@ -573,10 +574,12 @@ def markdown(result: dict) -> str:
               f"`segreward.engine.train` run (Adam, constant lr, random flips drawn per sample from (seed, epoch, "
               f"frame) so every method and lr of a seed sees the same batches; one evaluation at its end).",
               f"Steps (batch {cfg['batch']}): pretrain {cfg['pretrain_steps']} (lr {cfg['pretrain_lr']}), "
-              f"CE fine-tune {cfg['finetune_steps']} (lr {cfg['lr']}), after_ce {cfg['extra_steps']}, from_source "
-              f"{cfg['source_steps']}, uda {cfg['uda_steps']} (pseudo-label threshold {cfg['threshold']}); lr grid "
-              f"{[float(v) for v in cfg['lrs']]} (after_ce), from_source {cfg.get('source_lrs') or cfg['lrs']}, "
-              f"uda {cfg.get('uda_lrs') or cfg['lrs']}. `ce_lovasz` = Lovász + CE 1:1; `_ce` = CE anchor of weight "
+              f"CE fine-tune {cfg['finetune_steps']} (lr {cfg['lr']}), then per method run: "
+              + ", ".join(f"{p} {cfg[k]}" for p, k in (("after_ce", "extra_steps"), ("from_source", "source_steps"),
+                                                       ("uda", "uda_steps")) if p in ran)
+              + (f" (pseudo-label threshold {cfg['threshold']})" if "uda" in ran else "") + "; lr grids: "
+              + ", ".join(f"{p} {sorted({c['lr'] for c in summ['cells'] if c['protocol'] == p and c['lr']})}"
+                          for p in PROTOCOLS if p in ran) + ". `ce_lovasz` = Lovász + CE 1:1; `_ce` = CE anchor of weight "
               f"{cfg['ce_anchor']}; local methods: loss.estimator=local, K=1. `+cal` = the run's model with class "
               "offsets fitted on the tune frames (exact mIoU search) folded into its bias: no training.", "",
               "mIoU in percent, mean ± std over seeds. Each method's (and each `+cal` pipeline's) lr is the grid "
