@@ -134,7 +134,7 @@ def argmax_with_offsets(z: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return (z + offsets.to(z)).argmax(dim=-1)
 
 
-def _counts(pred: torch.Tensor, t: torch.Tensor, c: int) -> torch.Tensor:
+def counts_of(pred: torch.Tensor, t: torch.Tensor, c: int) -> torch.Tensor:
     """``[C, 3]`` float64 counts (intersection, predicted area, label area)."""
     hit = (pred == t).to(torch.float64)
     return torch.stack([torch.bincount(t, weights=hit, minlength=c).to(torch.float64),
@@ -144,7 +144,7 @@ def _counts(pred: torch.Tensor, t: torch.Tensor, c: int) -> torch.Tensor:
 
 def set_reward(form: CountReward, pixels: PixelSet, offsets: torch.Tensor) -> float:
     """The dataset-level reward of the set's argmax prediction under ``offsets``."""
-    k = _counts(argmax_with_offsets(pixels.z, offsets), pixels.t, pixels.num_classes)
+    k = counts_of(argmax_with_offsets(pixels.z, offsets), pixels.t, pixels.num_classes)
     return float(reward_from_counts(form, k[:, 0], k[:, 1], k[:, 2]))
 
 
@@ -165,7 +165,7 @@ def check_offsets(init, num_classes: int, what: str = "init") -> torch.Tensor:
     return b
 
 
-def _check_settings(max_sweeps, bound) -> None:
+def check_settings(max_sweeps, bound) -> None:
     if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
         raise SegrewardError(f"max_sweeps must be a positive integer, got {max_sweeps!r}")
     if bound is not None and not (float(bound) > 0):
@@ -179,7 +179,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     One sweep visits the classes in order; each step is :func:`line_search` (exact). The reward
     never decreases; the search stops when a sweep changes no offset or after ``max_sweeps``.
     """
-    _check_settings(max_sweeps, bound)
+    check_settings(max_sweeps, bound)
     z, t, c = pixels.z, pixels.t, pixels.num_classes
     b = check_offsets(init, c)
     label_area = torch.bincount(t, minlength=c).to(torch.float64)
@@ -197,7 +197,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
             s[:, k] = col
             # The prediction as it is (first maximum on ties, like argmax) and its reward.
             pred = torch.where((col > best_other) | ((col == best_other) & (src > k)), torch.full_like(src, k), src)
-            cnt = _counts(pred, t, c)
+            cnt = counts_of(pred, t, c)
             reward_now = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2]))
             step = line_search(form, best_other - z[:, k], src, t, k, label_area, float(b[k]), reward_now,
                                bound=bound, tol=tol)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from segreward.calibrate.exact import PixelSet, _counts, argmax_with_offsets, fit_pixels
+from segreward.calibrate.exact import PixelSet, argmax_with_offsets, counts_of, fit_pixels
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 
@@ -52,7 +52,7 @@ def cross_validate(pixels: PixelSet, form: CountReward, k: int = 5, seed: int = 
             continue
         b, _, _ = fit_pixels(train, form, **fit_kw)
         zh, th = pixels.z[held], pixels.t[held]
-        before, after = _counts(argmax_with_offsets(zh, zero), th, c), _counts(argmax_with_offsets(zh, b), th, c)
+        before, after = counts_of(argmax_with_offsets(zh, zero), th, c), counts_of(argmax_with_offsets(zh, b), th, c)
         pooled_before += before
         pooled_after += after
         r = [float(reward_from_counts(form, x[:, 0], x[:, 1], x[:, 2])) for x in (before, after)]

@@ -29,7 +29,7 @@ import torch
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 
-__all__ = ["LineSearch", "line_search", "line_search_full", "reward_curve", "class_terms", "form_reward", "EDGE_MARGIN"]
+__all__ = ["LineSearch", "line_search", "line_search_full", "reward_curve", "class_terms", "EDGE_MARGIN", "TIE_EPS"]
 
 # Distance (logits) of the chosen offset from the outermost threshold when the best interval is
 # unbounded: far enough to be robust, near enough to stay a small change of the model.
@@ -66,11 +66,6 @@ def term_weight(terms) -> torch.Tensor | None:
             raise SegrewardError("calibration supports reward terms with a class weight only as their one keyword")
         return terms.keywords["weight"].to(torch.float64)
     return None
-
-
-def form_reward(form: CountReward, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """The reward of count vectors ``[..., C]``; alias of :func:`segreward.credit.reward_from_counts`."""
-    return reward_from_counts(form, i, p, l)
 
 
 @dataclass(frozen=True)

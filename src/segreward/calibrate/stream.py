@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from segreward.calibrate.exact import Calibration, _check_settings, check_offsets, flatten_labelled
+from segreward.calibrate.exact import Calibration, check_settings, check_offsets, flatten_labelled
 from segreward.calibrate.search import check_count_form
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
@@ -142,7 +142,7 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
     each current offset (a step moves an offset by at most ``span``). Memory:
     ``C^2 (bins + 2) 3`` counts (19 classes, 1024 bins: 8.9 MB), whatever the number of images.
     """
-    _check_settings(max_sweeps, bound)
+    check_settings(max_sweeps, bound)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2:
         raise SegrewardError(f"bins must be an even integer >= 2, got {bins!r}")
     if not float(span) > 0:
