@@ -109,82 +109,89 @@ def _best_interval(reward: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cur
     return x, float(reward[j])
 
 
-def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
-                 label_area: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 eps: float = 0.0, ends: tuple[float, float] = (-float("inf"), float("inf"))
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lo, hi, reward)``: every state the offset ``b_c`` can reach, as the open interval
-    ``(lo[j], hi[j])`` of offsets that give it and its reward. Sorted thresholds closer than
-    ``eps`` form one breakpoint (their pixels move together); ``ends``: the bounds of the first
-    and last interval (infinite, or the neighbouring thresholds when these pixels are a slice).
+def _after_moves(form: CountReward, tau_s: torch.Tensor, src_s: torch.Tensor, target_s: torch.Tensor,
+                 seg: torch.Tensor, c: int, lab: torch.Tensor, i_base: torch.Tensor, p_base: torch.Tensor
+                 ) -> torch.Tensor:
+    """The reward after each move ``[n]``, for pixels in segments that each start from their own
+    counts: pixels sorted by ``(seg, tau)``; segment ``g`` starts from ``(i_base[g], p_base[g])``
+    (``[S, C]`` float64) and its pixels move into ``c`` in threshold order.
 
-    ``tau``: ``[M]`` float64 thresholds (pixel predicts ``c`` iff ``b_c > tau``); ``src``: ``[M]``
-    long, its best other class ``a_i``; ``target``: ``[M]`` long labels (valid pixels only);
-    ``label_area``: ``[C]`` float64 label counts of the whole set. ``base``: the counts
-    ``(I [C], P [C])`` of the whole set before any of these pixels moved (default: these pixels
-    are the whole set, ``b_c = -inf``: every one at its best other class).
+    The ``r``-th move out of class ``k`` within a segment takes it from
+    ``(I_k - h + hit, P_k - r + 1)`` to ``(I_k - h, P_k - r)``, ``h`` the hits among those ``r``
+    moves: ranks per (segment, source class) from one stable sort, running sums per segment.
     """
-    m = tau.numel()
-    num_classes = label_area.numel()
-    dev = tau.device
-    lab = label_area.to(torch.float64)
-    hit_src = target == src
-    if base is None:  # b_c = -inf: every pixel predicts its best other class
-        p0 = torch.bincount(src, minlength=num_classes).to(torch.float64)
-        i0 = torch.bincount(src[hit_src], minlength=num_classes).to(torch.float64)
-        p0[c], i0[c] = 0.0, 0.0
-    else:
-        i0, p0 = (v.to(torch.float64) for v in base)
-
-    # One sort of the thresholds; the pixel's facts travel packed in one integer.
-    tau_s, order = torch.sort(tau, stable=True)
-    code = (src * 4 + hit_src.long() * 2 + (target == c).long()).index_select(0, order)
-    src_s = code >> 2
-    hc_s = (code & 1).to(torch.float64)
-    # The moves grouped by source class (stable: in threshold order within a group): the r-th
-    # move out of class k takes it from (I_k - h + hit, P_k - r + 1) to (I_k - h, P_k - r), where
-    # h counts the hits among the first r moves out of k.
-    src_g, by_src = torch.sort(src_s, stable=True)
-    sizes = torch.bincount(src_g, minlength=num_classes)
-    hit_g = ((code.index_select(0, by_src) >> 1) & 1).to(torch.float64)
+    n, num_classes, dev = tau_s.numel(), lab.numel(), tau_s.device
+    nseg = i_base.shape[0]
+    hit_src = (target_s == src_s).to(torch.float64)
+    hit_c = (target_s == c).to(torch.float64)
+    # Moves grouped by (segment, source class), in threshold order within a group.
+    key, by_key = torch.sort(seg * num_classes + src_s, stable=True)
+    sizes = torch.bincount(key, minlength=nseg * num_classes)
     starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(1, m + 1, device=dev, dtype=torch.float64) - torch.repeat_interleave(starts, sizes)
-    hits_cum = torch.cumsum(hit_g, 0)
-    left_hits = hits_cum - torch.repeat_interleave(torch.cat([hits_cum.new_zeros(1), hits_cum])[starts], sizes)
-    p_g, i_g, l_g = (torch.repeat_interleave(v, sizes) for v in (p0, i0, lab))
+    rank = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - torch.repeat_interleave(starts, sizes)
+    hits = torch.cumsum(hit_src[by_key], 0)
+    left_hits = hits - torch.repeat_interleave(torch.cat([hits.new_zeros(1), hits])[starts], sizes)
+    hit_g = hit_src[by_key]
+    i_g, p_g = (torch.repeat_interleave(v.flatten(), sizes) for v in (i_base, p_base))
+    l_g = torch.repeat_interleave(lab.repeat(nseg), sizes)
+    # Per segment: running sums restart, class c counts from the segment's base.
+    seg_sizes = torch.bincount(seg, minlength=nseg)
+    seg_starts = torch.cumsum(seg_sizes, 0) - seg_sizes
 
-    # Class c after j moves: P = j, I = hits into c so far.
-    steps = torch.arange(m + 1, device=dev, dtype=torch.float64)
-    ic = torch.cat([steps.new_zeros(1), torch.cumsum(hc_s, 0)])
-    others = torch.ones(num_classes, dtype=torch.bool, device=dev)
-    others[c] = False
+    def running(x):  # inclusive running sum within each segment
+        cs = torch.cumsum(x, 0)
+        return cs - torch.repeat_interleave(torch.cat([cs.new_zeros(1), cs])[seg_starts], seg_sizes)
 
-    total = None
-    weight = 0.0
+    moves = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - torch.repeat_interleave(seg_starts, seg_sizes)
+    ic, pc = i_base[seg, c] + running(hit_c), p_base[seg, c] + moves
+
+    total, weight = None, 0.0
     for terms, w in form.parts:
         cw = term_weight(terms)
-        w_g = None if cw is None else torch.repeat_interleave(cw, sizes)
+        w_g = None if cw is None else torch.repeat_interleave(cw.repeat(nseg), sizes)
         w_c = None if cw is None else cw[c]
-        a0, b0 = terms(i0, p0, lab)
         a_new, b_new = class_terms(terms, i_g - left_hits, p_g - rank, l_g, w_g)
         a_old, b_old = class_terms(terms, i_g - left_hits + hit_g, p_g - rank + 1, l_g, w_g)
-        # Back to threshold order (one scatter per quantity), then the running sums over moves.
-        d_num = torch.empty(m, dtype=torch.float64, device=dev).index_copy_(0, by_src, a_new - a_old)
-        d_den = torch.empty(m, dtype=torch.float64, device=dev).index_copy_(0, by_src, b_new - b_old)
-        a_c, b_c = class_terms(terms, ic + i0[c], steps + p0[c], lab[c].expand(m + 1), w_c)
-        num = torch.cat([a0.new_zeros(1), torch.cumsum(d_num, 0)]).add_(a_c).add_(a0[others].sum())
-        den = torch.cat([b0.new_zeros(1), torch.cumsum(d_den, 0)]).add_(b_c).add_(b0[others].sum())
+        d_num = torch.empty(n, dtype=torch.float64, device=dev).index_copy_(0, by_key, a_new - a_old)
+        d_den = torch.empty(n, dtype=torch.float64, device=dev).index_copy_(0, by_key, b_new - b_old)
+        a0, b0 = terms(i_base, p_base, lab.expand_as(p_base))  # [S, C]
+        a_c, b_c = class_terms(terms, ic, pc, lab[c].expand(n), w_c)
+        num = (a0.sum(-1) - a0[:, c])[seg] + running(d_num) + a_c
+        den = (b0.sum(-1) - b0[:, c])[seg] + running(d_den) + b_c
         part = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
         total = w * part if total is None else total.add_(part, alpha=w)
         weight += w
-    reward = total / weight  # [M + 1]: after j = 0..M moves
+    return total / weight
+
+
+def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target: torch.Tensor, c: int,
+                 label_area: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lo, hi, reward)``: every state the offset ``b_c`` can reach, as the open interval
+    ``(lo[j], hi[j])`` of offsets that give it and its reward. Sorted thresholds closer than
+    ``eps`` form one breakpoint (their pixels move together).
+
+    ``tau``: ``[M]`` float64 thresholds (pixel predicts ``c`` iff ``b_c > tau``); ``src``: ``[M]``
+    long, its best other class ``a_i``; ``target``: ``[M]`` long labels (valid pixels only);
+    ``label_area``: ``[C]`` float64 label counts of the whole set. Starting from ``b_c = -inf``
+    (every pixel at its best other class), the pixels move into ``c`` one by one.
+    """
+    m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
+    lab = label_area.to(torch.float64)
+    p0 = torch.bincount(src, minlength=num_classes).to(torch.float64)
+    i0 = torch.bincount(src[target == src], minlength=num_classes).to(torch.float64)
+    p0[c], i0[c] = 0.0, 0.0
+    tau_s, order = torch.sort(tau, stable=True)
+    after = _after_moves(form, tau_s, src[order], target[order], torch.zeros(m, dtype=torch.long, device=dev), c,
+                         lab, i0.unsqueeze(0), p0.unsqueeze(0))
+    reward = torch.cat([reward_from_counts(form, i0, p0, lab).view(1), after])  # [M + 1]: after 0..M moves
     # Tied thresholds move together: only the last move of a tie group is a reachable state, for
     # offsets between that group's last threshold and the next group's first.
     last_of_group = torch.ones(m + 1, dtype=torch.bool, device=dev)
     if m > 1:
         last_of_group[1:m] = (tau_s[1:] - tau_s[:-1]) > eps
-    lo = torch.cat([tau_s.new_tensor([ends[0]]), tau_s])[last_of_group]
-    hi = torch.cat([tau_s, tau_s.new_tensor([ends[1]])])[last_of_group]
+    inf = float("inf")
+    lo = torch.cat([tau_s.new_tensor([-inf]), tau_s])[last_of_group]
+    hi = torch.cat([tau_s, tau_s.new_tensor([inf])])[last_of_group]
     return lo, hi, reward[last_of_group]
 
 
@@ -279,16 +286,24 @@ def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, cur
         return torch.where(hi - lo > eps, reward, torch.full_like(reward, -inf))
 
     best = max(float(usable(edge_reward, below, above).max()), current_reward)
-    for k in torch.argsort(ub, descending=True).tolist():
-        if float(ub[k]) <= best + tol:
-            break
-        sel = torch.nonzero(idx == k).flatten()
-        lo, hi, reward = reward_curve(form, tau[sel], src[sel], target[sel], c, label_area, base=(i_e[k], p_e[k]),
-                                      eps=eps, ends=(float(below[k]), float(above[k + 1])))
-        lows.append(lo)
-        highs.append(hi)
-        rewards.append(reward)
-        best = max(best, float(usable(reward, lo, hi).max()))
+    promising = ub > best + tol
+    if bool(promising.any()):
+        # Every state inside the promising bins at once: their pixels in (bin, threshold) order,
+        # each bin from its own lower edge. A move's state is reachable when the next pixel of
+        # its bin lies more than eps above it; the states at the bins' edges are counted above.
+        sel = torch.nonzero(promising[idx]).flatten()
+        sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
+        kb = idx[sel]
+        used = torch.unique(kb)
+        seg = torch.searchsorted(used, kb)
+        t_s = tau[sel]
+        after = _after_moves(form, t_s, src[sel], target[sel], seg, c, lab, i_e[used], p_e[used])
+        nxt = torch.cat([t_s[1:], t_s.new_tensor([inf])])
+        same_bin = torch.cat([kb[1:] == kb[:-1], kb.new_zeros(1, dtype=torch.bool)])
+        state = same_bin & ((nxt - t_s) > eps)
+        lows.append(t_s[state])
+        highs.append(nxt[state])
+        rewards.append(after[state])
     return _best_interval(torch.cat(rewards), torch.cat(lows), torch.cat(highs), current, current_reward, bound,
                           tol, eps)
 
