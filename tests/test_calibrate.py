@@ -234,3 +234,8 @@ def test_offsets_survive_float32_folding_of_near_tied_logits():
     cal = fit_offsets(logits, labels, max_sweeps=30)
     pred = (logits + cal.offsets.float().view(1, c, 1, 1)).argmax(1).numpy().reshape(-1)
     assert np_reward(pred, labels.numpy().reshape(-1), c, "miou") == pytest.approx(cal.reward_after, abs=1e-12)
+
+
+def test_one_class_has_nothing_to_calibrate():
+    cal = fit_offsets(torch.randn(2, 1, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long))
+    assert cal.offsets.tolist() == [0.0] and cal.reward_after == cal.reward_before == 1.0

@@ -172,43 +172,82 @@ def check_settings(max_sweeps, bound) -> None:
         raise SegrewardError(f"bound must be > 0 (or None for no bound), got {bound!r}")
 
 
+class _Top2:
+    """Each row's best and second-best column of ``s [M, C]`` (first maximum on ties, like
+    ``argmax``), kept up to date when one column changes: rows where that column was one of the
+    two are recomputed, the others compare it with their two."""
+
+    def __init__(self, s: torch.Tensor):
+        self.v1, self.i1, self.v2, self.i2 = self._full(s)
+
+    @staticmethod
+    def _full(s: torch.Tensor):
+        i1 = s.argmax(dim=1)
+        v1 = s.gather(1, i1.unsqueeze(1)).squeeze(1)
+        rest = s.scatter(1, i1.unsqueeze(1), -float("inf"))
+        i2 = rest.argmax(dim=1)
+        return v1, i1, rest.gather(1, i2.unsqueeze(1)).squeeze(1), i2
+
+    def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(argmax, max)`` of each row over the columns other than ``k``."""
+        first = self.i1 == k
+        return torch.where(first, self.i2, self.i1), torch.where(first, self.v2, self.v1)
+
+    def update(self, s: torch.Tensor, k: int) -> None:
+        x = s[:, k]
+        was = (self.i1 == k) | (self.i2 == k)
+        above1 = ~was & ((x > self.v1) | ((x == self.v1) & (k < self.i1)))
+        above2 = ~was & ~above1 & ((x > self.v2) | ((x == self.v2) & (k < self.i2)))
+        self.v2 = torch.where(above1, self.v1, torch.where(above2, x, self.v2))
+        self.i2 = torch.where(above1, self.i1, torch.where(above2, k, self.i2))
+        self.v1 = torch.where(above1, x, self.v1)
+        self.i1 = torch.where(above1, k, self.i1)
+        rows = torch.nonzero(was).flatten()
+        if rows.numel():
+            v1, i1, v2, i2 = self._full(s.index_select(0, rows))
+            for name, value in (("v1", v1), ("i1", i1), ("v2", v2), ("i2", i2)):
+                getattr(self, name)[rows] = value
+
+
 def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound: float | None = None,
                init=None, tol: float = 1e-12, progress: bool = False) -> tuple[torch.Tensor, list, bool]:
     """Coordinate ascent on a :class:`PixelSet`: ``(offsets, reward after each sweep, converged)``.
 
     One sweep visits the classes in order; each step is :func:`line_search` (exact). The reward
-    never decreases; the search stops when a sweep changes no offset or after ``max_sweeps``.
+    never decreases; the search stops when ``C`` steps in a row change no offset (a step repeated
+    with no offset changed since would find the same) or after ``max_sweeps`` sweeps.
     """
     check_settings(max_sweeps, bound)
     z, t, c = pixels.z, pixels.t, pixels.num_classes
     b = check_offsets(init, c)
     label_area = torch.bincount(t, minlength=c).to(torch.float64)
+    if c == 1:  # one class: nothing to choose
+        return b - b.mean(), [set_reward(form, pixels, b)], True
     s = z + b.to(z)
+    top = _Top2(s)
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
-    reward_now = None
+    reward_now, unchanged = None, 0
     for _ in bar:
-        changed = False
         for k in range(c):
-            col = s[:, k].clone()
-            s[:, k] = -float("inf")
-            src = s.argmax(dim=1)
-            best_other = s.gather(1, src.unsqueeze(1)).squeeze(1)
-            s[:, k] = col
-            # The prediction as it is (first maximum on ties, like argmax) and its reward.
-            pred = torch.where((col > best_other) | ((col == best_other) & (src > k)), torch.full_like(src, k), src)
-            cnt = counts_of(pred, t, c)
+            if unchanged >= c:
+                break
+            src, best_other = top.without(k)
+            cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
             reward_now = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2]))
             step = line_search(form, best_other - z[:, k], src, t, k, label_area, float(b[k]), reward_now,
                                bound=bound, tol=tol)
             if step.offset != float(b[k]):
                 b[k] = step.offset
                 s[:, k] = z[:, k] + b[k]
+                top.update(s, k)
                 reward_now = step.reward
-                changed = True
+                unchanged = 0
+            else:
+                unchanged += 1
         history.append(reward_now)
         bar.set_postfix(reward=f"{reward_now:.4f}", refresh=False)
-        if not changed:
+        if unchanged >= c:
             converged = True
             break
     bar.close()
