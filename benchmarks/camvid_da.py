@@ -662,11 +662,12 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
                             key=lambda c: c["lr"])
                 if not cs:
                     continue
-                x = [c["lr"] for c in cs]
+                shift = 1 + 0.05 * (i - (len(bases) - 1) / 2) + (0.012 if style == "--" else 0)  # bars side by side
+                x = [c["lr"] * shift for c in cs]
                 ax.errorbar(x, [c["select_mean"] for c in cs], yerr=[c["select_std"] for c in cs], fmt=style,
                             color=colour, marker="o", ms=3, capsize=2, label=m)
                 best = rows[(p, m)]
-                ax.plot([best["lr"]], [best["select_mean"]], marker="*", ms=12, color=colour, ls="none")
+                ax.plot([best["lr"] * shift], [best["select_mean"]], marker="*", ms=12, color=colour, ls="none")
         for start, style in (("ce_finetuned", "-."), ("ce_finetuned+cal", ":"), ("source_only", "-."),
                              ("source_only+cal", ":")):
             if (p, start) in rows:
@@ -674,7 +675,7 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (Adam, constant)")
         ax.set_ylabel("selection mIoU (%), mean ± std over seeds")
-        ax.set_title(f"CamVid day->dusk, {p}: * = chosen lr")
+        ax.set_title(f"CamVid day->dusk, {p}: * = chosen lr (bars: spread over seeds, not paired)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
