@@ -53,6 +53,7 @@ run it on an idle one.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -84,6 +85,7 @@ from segreward.models import build_model, count_parameters
 ROOT = Path(__file__).resolve().parent
 IGNORE = 255
 DAY, DUSK = ("0006R0", "0016E5"), "0001TP"
+PARTS = ("grid", "streaming", "large")  # 1. exact vs grid, 2. streaming vs exact, 3. large streaming run
 
 
 # ----------------------------------------------------------------------------- data
@@ -343,7 +345,7 @@ def part_exact_vs_grid(logits, labels, args) -> dict:
     grid = grid_search(pixels, form, cal.reward_after, args.grid_points, args.grid_radius, args.grid_max_sweeps)
     exact = {"reward_before": cal.reward_before, "reward": cal.reward_after, "seconds": exact_s,
              "seconds_all": times[1:], "flatten_seconds": flatten_s, "sweeps": cal.sweeps,
-             "converged": cal.converged, "offsets": [float(v) for v in cal.offsets]}
+             "converged": cal.converged, "history": cal.history, "offsets": [float(v) for v in cal.offsets]}
     ratio = grid["seconds"] / exact_s
     within = {f"{gap:g}": first_time_within(grid["trace"], cal.reward_after, gap) for gap in (1e-3, 1e-2)}
     return {"pixels": int(pixels.t.numel()), "images": int(logits.shape[0]), "classes": int(logits.shape[1]),
@@ -394,10 +396,10 @@ def pass_costs(model, dataset, c: int, args) -> dict:
             "goal_at_most_1.2x": ratio <= 1.2}
 
 
-def calibrate(model, dataset, mode: str, args, max_sweeps: int | None = None):
+def calibrate(model, dataset, mode: str, args, max_sweeps: int | None = None, progress: bool = False):
     return calibrate_model(model, dataset, reward=args.reward, mode=mode, kfold=None, bins=args.bins, span=args.span,
                            max_sweeps=max_sweeps or args.max_sweeps, batch_size=args.batch, device=args.device,
-                           progress=False)
+                           progress=progress)
 
 
 def part_streaming(src, args) -> dict:
@@ -437,7 +439,7 @@ def part_large(args) -> dict:
     data = Scenes(args.stream_images, "dusk", c, (h, w), scale=s, seed=args.seed)
     label_h, label_w = ih * s, iw * s
     m = args.stream_images * label_h * label_w
-    stream, stream_s = timed(lambda: calibrate(model, data, "streaming", args), args.device)
+    stream, stream_s = timed(lambda: calibrate(model, data, "streaming", args, progress=True), args.device)
     costs = interleaved({"streaming_pass": lambda: streaming_pass(model, data, c, args),
                          "eval_pass": lambda: eval_pass(model, data, c, args)}, max(1, args.stream_reps), args.device,
                         warmup=0)
@@ -452,7 +454,7 @@ def part_large(args) -> dict:
            "seconds_per_image_per_pass": costs["streaming_pass"]["median_s"] / args.stream_images,
            "memory_two_passes": memory, "exact_float64_logits_gb": exact_gb}
     if exact_gb <= args.exact_limit_gb:
-        exact, exact_s = timed(lambda: calibrate(model, data, "exact", args), args.device)
+        exact, exact_s = timed(lambda: calibrate(model, data, "exact", args, progress=True), args.device)
         out["exact"] = {"reward": exact.reward_after, "seconds": exact_s, "sweeps": exact.sweeps}
         out["reward_gap"] = exact.reward_after - stream.reward_after
     else:
@@ -461,9 +463,9 @@ def part_large(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-def report(res: dict) -> None:
-    p1, p2, p3 = res["exact_vs_grid"], res["streaming_vs_exact"], res["large_streaming"]
-    print(f"\n== Calibration set: {res['source']}; {p1['images']} images, {p1['pixels']} labelled pixels, "
+def report_grid(res: dict) -> None:
+    p1 = res["exact_vs_grid"]
+    print(f"\n== 1. Exact fit vs grid search: {p1['images']} images, {p1['pixels']} labelled pixels, "
           f"{p1['classes']} classes; reward {res['settings']['reward']}")
     e, g = p1["exact"], p1["grid"]
     print(f"{'':<34}{'reward':>9}{'seconds':>10}{'sweeps':>8}")
@@ -472,14 +474,17 @@ def report(res: dict) -> None:
     label = f"grid {res['settings']['grid_points']} pts/class/sweep"
     print(f"{label:<34}{100 * g['reward']:>9.2f}{g['seconds']:>10.3f}{g['sweeps']:>8}"
           f"   {'reached the exact reward' if g['reached_exact'] else 'never reached the exact reward'}")
-    w = g["seconds_to_within"]
+    w = {k: "never" if v is None else f"{v:.2f} s" for k, v in g["seconds_to_within"].items()}
     print(f"  grid time / exact time: {p1['grid_over_exact_time']:.1f}x"
-          f"{'' if g['reached_exact'] else ' (a lower bound: the grid stopped below the exact reward)'}; "
-          f"grid within 0.1 / 1 mIoU point(s) after {w['0.001']} / {w['0.01']} s; "
+          f"{'' if g['reached_exact'] else ' (the grid stopped below the exact reward)'}; "
+          f"grid within 0.1 / 1 point of it: {w['0.001']} / {w['0.01']}; "
           f"{1000 * g['seconds_per_evaluation']:.1f} ms per grid evaluation")
     print(f"  goals: {p1['goals']}")
 
-    print("\n== Streaming vs exact on the same set (calibrate_model, model passes included)")
+
+def report_streaming(res: dict) -> None:
+    p2 = res["streaming_vs_exact"]
+    print("\n== 2. Streaming vs exact on the same set (calibrate_model, model passes included)")
     mem = p2["memory"]
     print(f"{'':<12}{'reward':>9}{'seconds':>10}{'passes':>8}{'peak MB':>10}")
     print(f"{'exact':<12}{100 * p2['exact']['reward']:>9.2f}{p2['exact']['seconds']:>10.3f}{1:>8}"
@@ -492,20 +497,24 @@ def report(res: dict) -> None:
           f"{1000 * pc['with_model']['eval_pass']['median_s']:.1f} ms: {pc['streaming_over_eval']:.2f}x; "
           f"without the model: histograms {1000 * pc['logits_only']['histograms']['median_s']:.1f} ms vs argmax + "
           f"confusion {1000 * pc['logits_only']['argmax_confusion']['median_s']:.1f} ms")
-    print(f"  peak MB by images: " + ", ".join(f"{n}: streaming {v['streaming']['cpu_mb']:.1f} / exact "
-                                             f"{v['exact']['cpu_mb']:.1f}" for n, v in p2["memory_vs_images"].items()))
+    print("  peak MB by images: " + ", ".join(f"{n}: streaming {v['streaming']['cpu_mb']:.1f} / exact "
+                                            f"{v['exact']['cpu_mb']:.1f}" for n, v in p2["memory_vs_images"].items()))
     print(f"  goals: {p2['goals']}")
 
-    print(f"\n== Large streaming run: {p3['images']} images, labels {p3['label_size'][0]}x{p3['label_size'][1]}, "
+
+def report_large(res: dict) -> None:
+    p3 = res["large_streaming"]
+    print(f"\n== 3. Large streaming run: {p3['images']} images, labels {p3['label_size'][0]}x{p3['label_size'][1]}, "
           f"model input {p3['input_size'][0]}x{p3['input_size'][1]}, {p3['classes']} classes")
     st = p3["streaming"]
-    print(f"  streaming: {100 * st['reward_before']:.2f} -> {100 * st['reward']:.2f} in {st['passes']} passes, "
-          f"{st['seconds']:.1f} s; pass {p3['pass_cost']['streaming_pass']['median_s']:.2f} s vs eval pass "
+    print(f"  streaming: {100 * st['reward_before']:.2f} -> {100 * st['reward']:.2f} in {st['passes']} passes "
+          f"({'converged' if st['converged'] else 'not converged'}), {st['seconds']:.1f} s; pass "
+          f"{p3['pass_cost']['streaming_pass']['median_s']:.2f} s vs eval pass "
           f"{p3['pass_cost']['eval_pass']['median_s']:.2f} s ({p3['streaming_over_eval']:.2f}x); "
           f"peak {p3['memory_two_passes']['cpu_mb']:.0f} MB")
     if "reward" in p3["exact"]:
-        print(f"  exact: {100 * p3['exact']['reward']:.2f} in {p3['exact']['seconds']:.1f} s; gap exact - streaming "
-              f"{100 * p3['reward_gap']:+.3f} points")
+        print(f"  exact: {100 * p3['exact']['reward']:.2f} in {p3['exact']['seconds']:.1f} s "
+              f"({p3['exact']['sweeps']} sweeps); gap exact - streaming {100 * p3['reward_gap']:+.3f} points")
     else:
         print(f"  exact: {p3['exact']['skipped']}")
 
@@ -534,16 +543,17 @@ def parse(argv=None):
     fit.add_argument("--grid-points", type=int, default=25)
     fit.add_argument("--grid-radius", type=float, default=3.0)
     fit.add_argument("--grid-max-sweeps", type=int, default=20)
-    fit.add_argument("--reps", type=int, default=5, help="timed rounds of the exact fit and the pass costs")
+    fit.add_argument("--reps", type=int, default=3, help="timed rounds of the exact fit and the pass costs")
     fit.add_argument("--flat-images", type=int, nargs="+", default=[8, 32, 128])
     big = p.add_argument_group("large streaming run (part 3)")
-    big.add_argument("--stream-images", type=int, default=32)
+    big.add_argument("--stream-images", type=int, default=16)
     big.add_argument("--stream-size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"),
                      help="label size (Cityscapes: 1024 2048)")
     big.add_argument("--stream-scale", type=int, default=4, help="the model sees the images at 1/scale")
     big.add_argument("--classes", type=int, default=19)
     big.add_argument("--stream-reps", type=int, default=1, help="timed rounds of the pass costs")
     big.add_argument("--exact-limit-gb", type=float, default=2.0, help="run exact too when its logits fit")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="which parts to run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -556,21 +566,28 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict:
-    import json
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
 
-    src = source_of(args)
-    logits, labels = collect(src.model, src.tune, args)
-    if args.save_logits:
-        torch.save({"logits": logits, "labels": labels}, args.save_logits)
-    result = {"source": src.what, "model_params": src.params}
-    result["exact_vs_grid"] = part_exact_vs_grid(logits, labels, args)
-    result["streaming_vs_exact"] = part_streaming(src, args)
-    result["large_streaming"] = part_large(args)
+    result = {"part_seconds": {}}
+    if {"grid", "streaming"} & set(args.parts):
+        src = source_of(args)
+        logits, labels = collect(src.model, src.tune, args)
+        if args.save_logits:
+            torch.save({"logits": logits, "labels": labels}, args.save_logits)
+        result.update(source=src.what, model_params=src.params)
+    parts = {"grid": ("exact_vs_grid", lambda: part_exact_vs_grid(logits, labels, args), report_grid),
+             "streaming": ("streaming_vs_exact", lambda: part_streaming(src, args), report_streaming),
+             "large": ("large_streaming", lambda: part_large(args), report_large)}
+    for part in args.parts:
+        name, run, _ = parts[part]
+        wall, cpu = time.perf_counter(), time.process_time()
+        result[name] = run()
+        # CPU seconds of this process: on a shared machine, closer to what an idle one takes (1 thread).
+        result["part_seconds"][name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
     result["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
     result["command"] = "python benchmarks/calibrate.py " + " ".join(args.argv)
@@ -579,9 +596,15 @@ def main(argv=None) -> dict:
                          "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
                          "loadavg_before": load0, "loadavg_after": os.getloadavg()}
     result["runtime_s"] = time.perf_counter() - t_start
-    report(result)
+    result["runtime_cpu_s"] = time.process_time() - cpu_start
+    if "source" in result:
+        print(f"\nCalibration set: {result['source']}")
+    for part in args.parts:
+        parts[part][2](result)
     print(f"\nload average {load0} -> {result['machine']['loadavg_after']} on {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads; total {result['runtime_s']:.0f} s")
+          f"{torch.get_num_threads()} threads; total {result['runtime_s']:.0f} s "
+          f"({result['runtime_cpu_s']:.0f} CPU s; per part " +
+          ", ".join(f"{k} {v['wall']:.0f} s" for k, v in result["part_seconds"].items()) + ")")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
