@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from segreward.calibrate import fit_offsets, fit_offsets_streaming, pixel_set
+from segreward.calibrate import fit_offsets, pixel_set
 from segreward.calibrate.exact import set_reward
 from segreward.calibrate.search import check_count_form
 from segreward.calibrate.stream import ThresholdHistogram
@@ -127,8 +127,9 @@ class Scenes(Dataset):
         for i in tqdm(range(n), desc=f"render {style} {h}x{w}", disable=not progress, leave=False):
             images[i], label, depth = synthetic.render(i, style, seed, (h, w), split)
             for k, cuts in splits.items():
-                for threshold, cls in cuts:
-                    label[(label == k) & (depth > threshold)] = cls  # thresholds ascend: far bins win
+                mine = label == k
+                for threshold, cls in cuts:  # ascending: each farther bin overwrites the nearer one
+                    label[mine & (depth > threshold)] = cls
             labels[i] = label
         self.images, self.labels, self.scale = images, labels, scale
         self.meta = SimpleNamespace(classes=names, ignore_index=IGNORE, num_classes=classes)
@@ -458,7 +459,8 @@ def part_large(args) -> dict:
         out["exact"] = {"reward": exact.reward_after, "seconds": exact_s, "sweeps": exact.sweeps}
         out["reward_gap"] = exact.reward_after - stream.reward_after
     else:
-        out["exact"] = {"skipped": f"needs {exact_gb:.1f} GB of float64 logits > --exact-limit-gb {args.exact_limit_gb}"}
+        out["exact"] = {"skipped": f"needs {exact_gb:.1f} GB of float64 logits > --exact-limit-gb "
+                                   f"{args.exact_limit_gb}"}
     return out
 
 
