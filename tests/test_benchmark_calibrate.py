@@ -78,3 +78,13 @@ def test_saved_logits_and_too_few_classes(bench, tmp_path):
         bench.main(["--logits", "x.pt", "--camvid", "y"])
     with pytest.raises(SystemExit, match="at least 8 classes"):
         bench.depth_classes(5)
+
+
+def test_depth_split_classes(bench):
+    names, _ = bench.depth_classes(19)
+    assert len(names) == len(set(names)) == 19 and names[:8] == list(bench.synthetic.CLASSES)
+    scenes = bench.Scenes(2, "dusk", 19, (64, 128), progress=False)
+    present = {names[k] for k in set(scenes.labels.ravel().tolist())}
+    assert {"road_far1", "road_far2", "building_far1", "building_far2"} <= present  # every far bin is used
+    x, y = bench.Scenes(1, "day", 11, (32, 64), scale=2, progress=False)[0]
+    assert x.shape == (3, 16, 32) and y.shape == (32, 64) and int(y.max()) < 11
