@@ -1,6 +1,6 @@
 """Speed and memory of calibration: exact fit vs a grid search, streaming vs exact, a large streaming run.
 
-    PYTHONPATH=src python benchmarks/calibrate.py                                 # synthetic, ~N min on 2 cores
+    PYTHONPATH=src python benchmarks/calibrate.py                                 # synthetic, ~6 min on 1 core
     PYTHONPATH=src python benchmarks/calibrate.py --camvid ../shared/data/camvid  # CamVid dusk tuning frames
     PYTHONPATH=src python benchmarks/calibrate.py --logits saved.pt               # logits saved by --save-logits
     PYTHONPATH=src python benchmarks/calibrate.py --device cuda --stream-images 500 --stream-size 1024 2048
