@@ -419,7 +419,8 @@ def part_streaming(src, args) -> dict:
             "exact": peak_memory(lambda: calibrate(model, data, "exact", args, max_sweeps=2), args.device)}
     peaks = [v["streaming"]["cpu_mb"] for v in flat.values()]
     growth = max(peaks) / max(min(peaks), 1e-9)
-    return {"exact": {"reward": exact.reward_after, "seconds": exact_s, "sweeps": exact.sweeps},
+    return {"exact": {"reward": exact.reward_after, "seconds": exact_s, "sweeps": exact.sweeps,
+                      "converged": exact.converged, "history": exact.history},
             "streaming": {"reward": stream.reward_after, "seconds": stream_s, "passes": stream.sweeps,
                           "converged": stream.converged, "history": stream.history},
             "reward_gap": exact.reward_after - stream.reward_after,
@@ -456,7 +457,8 @@ def part_large(args) -> dict:
            "memory_two_passes": memory, "exact_float64_logits_gb": exact_gb}
     if exact_gb <= args.exact_limit_gb:
         exact, exact_s = timed(lambda: calibrate(model, data, "exact", args, progress=True), args.device)
-        out["exact"] = {"reward": exact.reward_after, "seconds": exact_s, "sweeps": exact.sweeps}
+        out["exact"] = {"reward": exact.reward_after, "seconds": exact_s, "sweeps": exact.sweeps,
+                        "converged": exact.converged, "history": exact.history}
         out["reward_gap"] = exact.reward_after - stream.reward_after
     else:
         out["exact"] = {"skipped": f"needs {exact_gb:.1f} GB of float64 logits > --exact-limit-gb "
