@@ -227,14 +227,13 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     top = _Top2(s)
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
-    reward_now, unchanged = None, 0
+    cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
+    reward_now, unchanged = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2])), 0
     for _ in bar:
         for k in range(c):
             if unchanged >= c:
                 break
             src, best_other = top.without(k)
-            cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
-            reward_now = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2]))
             step = line_search(form, best_other - z[:, k], src, t, k, label_area, float(b[k]), reward_now,
                                bound=bound, tol=tol)
             if step.offset != float(b[k]):
