@@ -55,7 +55,6 @@ resumes; ``--merge`` pools processes that ran different seeds).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import shutil
@@ -69,15 +68,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-import segreward.engine.trainer as trainer_module
 from segreward.calibrate.folding import fold_offsets
 from segreward.data.formats import CamVidDataset
 from segreward.data.memory import InMemoryDataset
 from segreward.engine import config_from_dict, train
-from segreward.engine.builders import CrossEntropy
 from segreward.engine.calibration import calibrate_model
 from segreward.engine.trainer import evaluate
-from segreward.lovasz import LovaszSoftmaxLoss
 from segreward.models import build_model, load_weights
 from segreward.runlog import load_run
 
@@ -146,42 +142,6 @@ def reward_weights_from(y: torch.Tensor) -> list[float]:
     freq = counts / counts.sum()
     w = torch.where(freq > 0, freq.clamp_min(1e-6).rsqrt(), torch.zeros_like(freq))
     return [round(v, 4) for v in (w / w[freq > 0].mean()).tolist()]
-
-
-class _LovaszPlusCE(nn.Module):
-    """Lovász-softmax + ``ce_weight`` x cross-entropy; logs both parts."""
-
-    def __init__(self, lovasz: nn.Module, ce_weight: float, ignore_index: int):
-        super().__init__()
-        self.lovasz, self.ce, self.ce_weight = lovasz, CrossEntropy(None, ignore_index), float(ce_weight)
-        self.diagnostics: dict[str, float] = {}
-
-    def forward(self, logits, target):
-        lz, ce = self.lovasz(logits, target), self.ce(logits, target)
-        self.diagnostics = {"part_lovasz": float(lz.detach()), "part_ce": float(ce.detach())}
-        return lz + self.ce_weight * ce
-
-
-@contextlib.contextmanager
-def lovasz_with_ce():
-    """``loss.type=lovasz`` with ``loss.ce_weight > 0`` trains Lovász + ce_weight x CE.
-
-    The trainer's ``build_loss`` ignores ``loss.ce_weight`` for lovasz today; until it adds the two
-    itself, the benchmark wraps the plain Lovász loss it returns (a builder that already combines
-    them returns another module and is used as it is)."""
-    original = trainer_module.build_loss
-
-    def build(cfg, num_classes, ignore_index):
-        loss, name = original(cfg, num_classes, ignore_index)
-        if cfg.loss_type == "lovasz" and cfg.loss.ce_weight > 0 and type(loss) is LovaszSoftmaxLoss:
-            return _LovaszPlusCE(loss, cfg.loss.ce_weight, ignore_index), "loss_lovasz_ce"
-        return loss, name
-
-    trainer_module.build_loss = build
-    try:
-        yield
-    finally:
-        trainer_module.build_loss = original
 
 
 # ----------------------------------------------------------------------------- data
@@ -306,8 +266,7 @@ def run_stage(cfg: dict, data: dict, train_set: InMemoryDataset, args, reuse_key
             return score_model(load_model(args, work / "model.safetensors"), data, args)
     if work.exists():
         shutil.rmtree(work)  # a stale or unfinished run: start clean (no resume, no appended log)
-    with lovasz_with_ce():
-        result = train(config_from_dict(cfg), datasets={"train": train_set, "val": eval_sets(data)})
+    result = train(config_from_dict(cfg), datasets={"train": train_set, "val": eval_sets(data)})
     out = scores(result["val"])
     if reuse_key is not None:
         marker.write_text(json.dumps({"key": reuse_key}))

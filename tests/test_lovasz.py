@@ -68,3 +68,22 @@ def test_per_image_and_module_gradient():
     assert np.isclose(float(loss), ref)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_lovasz_with_ce_weight_trains_both_parts():
+    """loss.type=lovasz with loss.ce_weight > 0 is Lovász + ce_weight x CE (it was silently Lovász)."""
+    import torch.nn.functional as F
+
+    from segreward.engine import config_from_dict
+    from segreward.engine.builders import LovaszPlusCE, build_loss
+    from segreward.lovasz import LovaszSoftmaxLoss
+
+    cfg = config_from_dict({"loss": {"type": "lovasz", "ce_weight": 0.5}})
+    loss, name = build_loss(cfg, 3, 255)
+    assert isinstance(loss, LovaszPlusCE) and name == "loss_lovasz_ce"
+    logits, target = torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5))
+    want = LovaszSoftmaxLoss(255)(logits, target) + 0.5 * F.cross_entropy(logits, target)
+    assert torch.allclose(loss(logits, target), want)
+    assert set(loss.diagnostics) == {"part_lovasz", "part_ce"}
+    plain, name = build_loss(config_from_dict({"loss": {"type": "lovasz"}}), 3, 255)
+    assert isinstance(plain, LovaszSoftmaxLoss) and name == "loss_lovasz"

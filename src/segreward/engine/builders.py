@@ -113,6 +113,21 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits, target, weight=self.class_weight, ignore_index=self.ignore_index)
 
 
+class LovaszPlusCE(nn.Module):
+    """Lovász-softmax + ``ce_weight`` x cross-entropy (``loss.type=lovasz`` with ``loss.ce_weight``,
+    the common 1:1 practice); logs both parts."""
+
+    def __init__(self, lovasz: nn.Module, ce_weight: float, ignore_index: int = 255):
+        super().__init__()
+        self.lovasz, self.ce, self.ce_weight = lovasz, CrossEntropy(None, ignore_index), float(ce_weight)
+        self.diagnostics: dict[str, float] = {}
+
+    def forward(self, logits, target):
+        lz, ce = self.lovasz(logits, target), self.ce(logits, target)
+        self.diagnostics = {"part_lovasz": float(lz.detach()), "part_ce": float(ce.detach())}
+        return lz + self.ce_weight * ce
+
+
 def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Module, str]:
     """The loss module of the run and the name it is logged under (``loss_ce``, ...)."""
     lc: LossConfig = cfg.loss
@@ -125,7 +140,10 @@ def build_loss(cfg: Config, num_classes: int, ignore_index: int) -> tuple[nn.Mod
             raise SegrewardError("loss.class_weight is not used by loss.type=lovasz (it averages the per-class "
                                  "Jaccard surrogates equally); remove it or use loss.type=ce")
         from segreward.lovasz import LovaszSoftmaxLoss
-        return LovaszSoftmaxLoss(ignore_index), "loss_lovasz"  # upsamples the logits to the label size itself
+        lovasz = LovaszSoftmaxLoss(ignore_index)  # upsamples the logits to the label size itself
+        if lc.ce_weight > 0:
+            return LovaszPlusCE(lovasz, lc.ce_weight, ignore_index), "loss_lovasz_ce"
+        return lovasz, "loss_lovasz"
     if kind == "reward_weighted_ce":
         from segreward.reinforce import RewardWeightedCELoss
         return RewardWeightedCELoss(num_classes, ignore_index, class_weight), "loss_rwce"
