@@ -1,8 +1,11 @@
-# Reward-tune an MMSegmentation model with segreward: add REINFORCE on per-image mIoU to the
-# config you trained the model with. Copy this file next to that config, set `_base_` to it
-# and `load_from` to its checkpoint, then run (from the folder holding both files):
+# Reward-tune an MMSegmentation model with segreward: exact per-pixel credit of the batch's mIoU
+# (the best measured reward-tuning variant; sampled REINFORCE with K=4 never beat extra CE), added
+# to the config you trained the model with. Copy this file next to that config, set `_base_` to
+# it and `load_from` to its checkpoint, then run (from the folder holding both files):
 #   python -m segreward.mmseg.train segreward_reinforce.py
-# (mmseg's tools/train.py and torchrun work the same way; see docs/mmseg.md).
+# (mmseg's tools/train.py and torchrun work the same way; see docs/mmseg.md). Measured on CamVid
+# (README): at its best lr this equals CE at its best lr; what reliably adds is calibration after
+# training:  python -m segreward.mmseg.calibrate CONFIG CHECKPOINT --split val --out calibrated.pth
 _base_ = ['./my_model_config.py']
 
 # Registers ReinforceLoss (and CamVid/synthetic datasets) in mmseg; fails loudly if missing.
@@ -14,9 +17,10 @@ model = dict(
             _delete_=True,  # drop the CrossEntropyLoss keys of the base config
             type='ReinforceLoss',
             num_classes=_base_.model.decode_head.num_classes,  # must match the head
-            reward='miou',  # per-image mIoU of each sampled segmentation (or dice, ...)
-            k=4,  # segmentations sampled per image
-            baseline='loo',  # a sample's reward minus the mean of the other k-1
+            reward='miou',  # mIoU of the batch's summed counts (or dice, ...)
+            estimator='local',  # exact credit R(y with pixel i := c) - R(y) of every pixel and class
+            scope='batch',  # one reward over the batch (all-reduced under DDP), near the dataset mIoU
+            ce_weight=0.5,  # cross-entropy on the labels as an anchor
             loss_weight=1.0)))  # logged as decode.loss_reinforce
 # The auxiliary head (if any) keeps its cross-entropy loss: a cheap anchor to the labels.
 
