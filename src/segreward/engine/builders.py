@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -85,6 +86,13 @@ def read_class_weight(value, num_classes: int):
     if len(weights) != num_classes:
         raise SegrewardError(f"class weights have {len(weights)} entries but the model has {num_classes} classes")
     return weights
+
+
+def autocast(device: torch.device, amp: str):
+    """The forward pass's mixed-precision context of ``train.amp`` (``none``: a no-op)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from segreward.calibrate import Calibration
 from segreward.calibrate.passes import MODES as CALIBRATE_MODES
 from segreward.calibrate.passes import fit_passes
-from segreward.engine.builders import dataset_info, resize_logits
+from segreward.engine.builders import autocast, dataset_info, resize_logits
 from segreward.errors import SegrewardError
 
 __all__ = ["CALIBRATE_MODES", "calibrate_model", "model_batches", "resolve_device", "write_calibration",
@@ -33,24 +33,27 @@ __all__ = ["CALIBRATE_MODES", "calibrate_model", "model_batches", "resolve_devic
 
 
 def model_batches(model: nn.Module, dataset: Dataset, batch_size: int = 8, device="cpu", rank: int = 0,
-                  world: int = 1, desc: str | None = None, progress: bool = False):
-    """``passes()`` for the calibration fits: each call runs the model over (this rank's shard
-    of) the dataset and yields ``(logits at the label size, labels)`` batches."""
+                  world: int = 1, amp: str = "none", desc: str | None = None, progress: bool = False):
+    """``passes()``: each call runs the model in eval mode over (this rank's shard of) the dataset
+    and yields ``(float logits at the label size, labels)`` batches on ``device``. The loop of
+    the trainer's evaluation and of the calibration fits."""
     device = torch.device(device)
     indices = list(range(rank, len(dataset), world))
-    if not indices:
-        raise SegrewardError("the calibration dataset is empty")
 
     @torch.no_grad()
     def passes():
         was_training = model.training
         model.eval()
+        # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and then how
+        # often a run evaluates would change the random numbers (augmentation, samples) of training.
         loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                             generator=torch.Generator())
         try:
             for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-                logits = resize_logits(model(x.to(device)).float(), y.shape[-2:])
-                yield logits, y.to(device)
+                x, y = x.to(device), y.to(device)
+                with autocast(device, amp):
+                    logits = model(x)
+                yield resize_logits(logits.float(), y.shape[-2:]), y
         finally:
             model.train(was_training)
 
@@ -62,6 +65,8 @@ def calibrate_model(model: nn.Module, dataset: Dataset, reward="miou", mode: str
                     class_weights=None, batch_size: int = 8, device="cpu", rank: int = 0, world: int = 1,
                     progress: bool = True) -> Calibration:
     """Fit offsets of ``model`` on ``dataset`` (``(image, label)`` items with a ``meta``/``classes``)."""
+    if len(dataset) == 0:
+        raise SegrewardError("the calibration dataset is empty")
     num_classes, ignore_index, _ = dataset_info(dataset)
     model_classes = getattr(model, "num_classes", None)
     if isinstance(model_classes, int) and model_classes != num_classes:

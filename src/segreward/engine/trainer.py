@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segreward.engine import distributed as D
-from segreward.engine.builders import (build_data, build_loss, build_optimizer, build_scheduler, dataset_info,
+from segreward.engine.builders import (autocast, build_data, build_loss, build_optimizer, build_scheduler, dataset_info,
                                        resize_logits)
+from segreward.engine.calibration import model_batches
 from segreward.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from segreward.engine.config import Config
 from segreward.errors import SegrewardError
@@ -92,20 +93,9 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, ignore_index:
     """Dataset-level aAcc/mIoU/mAcc/mDice (percent) of the argmax prediction; under DDP each
     rank scores a shard and the confusion matrices are all-reduced."""
     info = info or D.DistInfo(device=torch.device(device))
-    was_training = model.training
-    model.eval()
     metric = SegMetric(num_classes, ignore_index)
-    indices = list(range(info.rank, len(dataset), info.world_size))
-    # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and then how often
-    # a run evaluates would change the random numbers (augmentation, samples) of its training.
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                        generator=torch.Generator())
-    for x, y in loader:
-        x, y = x.to(info.device), y.to(info.device)
-        with _autocast(info.device, amp):
-            logits = model(x)
-        metric.update(resize_logits(logits.float(), y.shape[-2:]).argmax(1).cpu(), y.cpu())
-    model.train(was_training)
+    for logits, y in model_batches(model, dataset, batch_size, info.device, info.rank, info.world_size, amp=amp)():
+        metric.update(logits.argmax(1).cpu(), y.cpu())
     return metric.compute()
 
 
@@ -131,12 +121,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
         else:
             t.copy_(s)
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _load_start_weights(model: nn.Module, path: str, num_classes: int, strict: bool = True) -> None:
@@ -468,12 +452,12 @@ class _Stage:
             # Only the last micro-step all-reduces gradients (require_backward_grad_sync).
             sync = self.net.no_sync() if (info.enabled and not last_micro) else contextlib.nullcontext()
             with sync:
-                with _autocast(info.device, tc.amp):
+                with autocast(info.device, tc.amp):
                     logits = self.net(x)
                 loss = self.loss_fn(logits.float(), y)
                 out["base"] += loss.detach() / tc.accumulate
                 if self.reference is not None:
-                    with torch.no_grad(), _autocast(info.device, tc.amp):
+                    with torch.no_grad(), autocast(info.device, tc.amp):
                         ref_logits = self.reference(x)
                     kl = kl_to_reference(logits, ref_logits)
                     out["kl"] += kl.detach() / tc.accumulate
