@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from segreward.errors import SegrewardError
 
-__all__ = ["confusion_matrix", "class_stats", "check_labels", "scores_from_confusion", "SegMetric"]
+__all__ = ["confusion_matrix", "class_stats", "check_labels", "scores_from_confusion", "SegMetric", "all_reduce_cpu"]
 
 
 def check_labels(target: torch.Tensor, num_classes: int, ignore_index: int | None = 255, what: str = "label") -> None:
@@ -144,6 +144,18 @@ def scores_from_confusion(cm: torch.Tensor) -> dict:
     }
 
 
+def all_reduce_cpu(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a CPU tensor over all processes when ``torch.distributed`` is initialised (moved
+    to the current GPU for NCCL and back), else ``t`` itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+        torch.device("cpu")
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 class SegMetric:
     """Dataset-level aAcc / mIoU / mAcc / mDice (percent) and per-class IoU, like mmseg's ``IoUMetric``.
 
@@ -168,14 +180,7 @@ class SegMetric:
         self.confusion += cm.cpu()
 
     def compute(self) -> dict:
-        cm = self.confusion
-        if dist.is_available() and dist.is_initialized():
-            backend = dist.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            cm = cm.to(device)
-            dist.all_reduce(cm)
-            cm = cm.cpu()
-        out = scores_from_confusion(cm)
+        out = scores_from_confusion(all_reduce_cpu(self.confusion))
         if self.class_names is not None:
             out["classes"] = list(self.class_names)
         return out

@@ -20,14 +20,13 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from segreward.calibrate.exact import Calibration, check_settings, check_offsets, flatten_labelled
 from segreward.calibrate.search import check_count_form
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
-from segreward.metrics import scores_from_confusion
+from segreward.metrics import all_reduce_cpu, scores_from_confusion
 
 __all__ = ["fit_offsets_streaming", "ThresholdHistogram"]
 
@@ -74,13 +73,8 @@ class ThresholdHistogram:
         self.hist, self.confusion = hist.cpu(), confusion.cpu()
 
     def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
-                torch.device("cpu")
-            both = torch.cat([self.hist, self.confusion]).to(dev)
-            dist.all_reduce(both)
-            both = both.cpu()
-            self.hist, self.confusion = both[:self.hist.numel()], both[self.hist.numel():]
+        both = all_reduce_cpu(torch.cat([self.hist, self.confusion]))  # one collective for both
+        self.hist, self.confusion = both[:self.hist.numel()], both[self.hist.numel():]
 
     def counts(self) -> torch.Tensor:
         """``[C, 3]`` counts (I, P, L) of the argmax under the pass's offsets."""
