@@ -241,7 +241,7 @@ def test_error_empty_and_missing(tmp_path):
         build_dataset("nope", tmp_path)
     with pytest.raises(SegrewardError, match="dataset .folder.: unknown option.*bogus.*valid:.*img_suffix.*size"):
         build_dataset("folder", tmp_path, "train", classes=3, bogus=1)
-    assert {"folder", "mmseg", "cityscapes", "gta5", "ade20k", "voc", "camvid"} == set(dataset_names())
+    assert {"folder", "mmseg", "cityscapes", "gta5", "ade20k", "voc", "camvid", "idd_lite"} == set(dataset_names())
 
 
 # ----------------------------------------------------------------------------- Cityscapes

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from segreward.data.folder import (IMAGENET_MEAN, IMAGENET_STD, FolderDataset, SegmentationDataset,
                                    pair_files, read_names, resolve_meta)
-from segreward.data.formats import (ADE20KDataset, CamVidDataset, CityscapesDataset, GTA5Dataset, VOCDataset,
-                                    camvid_frame, camvid_sequences, select_frames)
+from segreward.data.formats import (ADE20KDataset, CamVidDataset, CityscapesDataset, GTA5Dataset, IDDLiteDataset,
+                                    VOCDataset, camvid_frame, camvid_sequences, idd_sequences, select_frames,
+                                    split_sequences)
 from segreward.errors import SegrewardError
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
@@ -24,6 +25,7 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20KDataset,
     "voc": VOCDataset,
     "camvid": CamVidDataset,
+    "idd_lite": IDDLiteDataset,
 }
 
 
@@ -33,7 +35,7 @@ def dataset_names() -> list[str]:
 
 def build_dataset(name: str, root: str | Path, split: str | None = None, **kwargs) -> SegmentationDataset:
     """A dataset by short name (``folder``/``mmseg``, ``cityscapes``, ``gta5``, ``ade20k``, ``voc``,
-    ``camvid``); ``split=None`` takes the format's default; keywords go to its class."""
+    ``camvid``, ``idd_lite``); ``split=None`` takes the format's default; keywords go to its class."""
     key = name.lower()
     if key not in DATASETS:
         raise SegrewardError(f"unknown dataset format {name!r}; known: {', '.join(dataset_names())}")
@@ -64,4 +66,5 @@ def _keywords(cls: type) -> set[str]:
 __all__ = ["DATASETS", "build_dataset", "dataset_names", "SegmentationDataset", "FolderDataset",
            "CityscapesDataset", "GTA5Dataset", "ADE20KDataset", "VOCDataset", "CamVidDataset",
            "IMAGENET_MEAN", "IMAGENET_STD", "pair_files", "read_names", "resolve_meta",
-           "camvid_frame", "camvid_sequences", "select_frames"]
+           "camvid_frame", "camvid_sequences", "select_frames", "IDDLiteDataset", "idd_sequences",
+           "split_sequences"]

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from segreward.data.io import read_image, read_label
-from segreward.data.meta import DatasetMeta, get_meta, make_palette
+from segreward.data.meta import DatasetMeta, get_meta, make_palette, named_label_map
 from segreward.errors import SegrewardError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,10 +42,19 @@ def _listing(names: Sequence[str], show: int = _SHOW) -> str:
 
 def resolve_meta(meta: str | DatasetMeta | None = None, classes: Sequence[str] | int | None = None,
                  *, name: str = "folder", reduce_zero_label: bool | None = None,
-                 label_map: dict[int, int] | None = None, ignore_index: int | None = None) -> DatasetMeta:
-    """A ``DatasetMeta`` from a known name, an explicit meta, or a class list / count, with overrides."""
+                 label_map: dict[int, int] | str | None = None, ignore_index: int | None = None) -> DatasetMeta:
+    """A ``DatasetMeta`` from a known name, an explicit meta, or a class list / count, with overrides.
+
+    ``label_map`` is a mapping ``{raw id: train id}`` or the name of a known map
+    (``"camvid_to_idd"``), which also brings the classes and palette it maps onto.
+    """
     if isinstance(meta, str):
         meta = get_meta(meta)
+    if isinstance(label_map, str):
+        if classes is not None:
+            raise SegrewardError(f"label_map={label_map!r} brings its own classes; drop classes=")
+        meta = named_label_map(label_map, None if meta is None else meta.name)
+        label_map = None
     if meta is None:
         if classes is None:
             raise SegrewardError(
@@ -169,7 +178,8 @@ class SegmentationDataset(Dataset):
                  std: Sequence[float] = IMAGENET_STD, verify: bool = True, skip_mismatched: bool = False,
                  label_palette=None):
         self.meta = meta
-        self.samples = [(str(n), Path(i), Path(a)) for n, i, a in pairs]
+        # A label path of None is an unlabelled image: its label is all ignore_index.
+        self.samples = [(str(n), Path(i), None if a is None else Path(a)) for n, i, a in pairs]
         if not self.samples:
             raise SegrewardError(f"{type(self).__name__}: no samples")
         if size is not None:
@@ -199,6 +209,9 @@ class SegmentationDataset(Dataset):
         for name, img, ann in tqdm(self.samples, desc=f"checking {self.meta.name}", unit="pair",
                                    disable=len(self.samples) < 500, leave=False):
             wi, hi = _header_size(img)
+            if ann is None:
+                keep.append((name, img, ann))
+                continue
             wa, ha = _header_size(ann)
             if (wi, hi) != (wa, ha):
                 bad.append(f"{img} is {wi}x{hi} but its label {ann} is {wa}x{ha}")
@@ -253,7 +266,11 @@ class SegmentationDataset(Dataset):
             return self._cache[index]
         _, img_path, ann_path = self.samples[index]
         image = read_image(img_path)
-        label = self.to_train_ids(read_label(ann_path, self.label_palette), ann_path)
+        if ann_path is None:
+            label = np.full(image.shape[:2], self.meta.ignore_index,
+                            dtype=np.uint8 if 0 <= self.meta.ignore_index <= 255 else np.int32)
+        else:
+            label = self.to_train_ids(read_label(ann_path, self.label_palette), ann_path)
         if image.shape[:2] != label.shape:
             raise SegrewardError(f"{img_path} is {image.shape[1]}x{image.shape[0]} but its label {ann_path} "
                                  f"is {label.shape[1]}x{label.shape[0]} (width x height)")
@@ -278,7 +295,8 @@ class SegmentationDataset(Dataset):
         """Read every label and raise on values out of range (otherwise checked when an item is read)."""
         for _, _, ann in tqdm(self.samples, desc=f"checking labels of {self.meta.name}", unit="img",
                               disable=not progress):
-            self.to_train_ids(read_label(ann, self.label_palette), ann)
+            if ann is not None:
+                self.to_train_ids(read_label(ann, self.label_palette), ann)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.load_arrays(index)

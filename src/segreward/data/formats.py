@@ -14,7 +14,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from segreward.data.folder import SegmentationDataset, pair_files, read_names, resolve_meta
+import numpy as np
+
+from segreward.data.folder import SegmentationDataset, _listing, _scan, pair_files, read_names, resolve_meta
 from segreward.data.meta import DatasetMeta
 from segreward.errors import SegrewardError
 
@@ -198,12 +200,13 @@ class CamVidDataset(SegmentationDataset):
     sequence: ``0001TP`` is dusk, ``0006R0`` and ``0016E5`` are day), ``exclude_sequences``
     drops some, and ``frames=(a, b)`` keeps a part of each sequence by frame number (see
     ``select_frames``), e.g. ``(0, 2/3)`` for tuning and ``(2/3, 1)`` for held-out evaluation.
-    Void (11) becomes the ignore index 255.
+    Void (11) becomes the ignore index 255. ``label_map="camvid_to_idd"`` reads the labels as IDD
+    Lite's 7 classes (for CamVid -> IDD Lite adaptation).
     """
 
     def __init__(self, root: str | Path, split: str = "train", *, sequences: Sequence[str] | str | None = None,
                  exclude_sequences: Sequence[str] | str = (), frames: tuple[float, float] | None = None,
-                 meta: str | DatasetMeta = "camvid", **kwargs):
+                 meta: str | DatasetMeta = "camvid", label_map: dict[int, int] | str | None = None, **kwargs):
         root = _root(root)
         if isinstance(sequences, str):
             sequences = [sequences]
@@ -222,12 +225,106 @@ class CamVidDataset(SegmentationDataset):
                                  f"exclude_sequences={list(exclude_sequences)}, frames={frames} keeps no frame")
         self.root, self.split = root, split
         self.sequences = dict(sorted(Counter(camvid_frame(n)[0] for n in names).items()))
-        super().__init__([by_name[n] for n in names], resolve_meta(meta), **kwargs)
+        super().__init__([by_name[n] for n in names], resolve_meta(meta, label_map=label_map), **kwargs)
 
     def frame_numbers(self) -> list[tuple[str, int]]:
         """``(sequence, frame)`` of every sample, in dataset order."""
         return [camvid_frame(n) for n in self.names]
 
 
+class IDDLiteDataset(SegmentationDataset):
+    """IDD Lite (India Driving Dataset, reduced): ``leftImg8bit/<split>/<seq>/<id>_image.jpg`` with
+    ``gtFine/<split>/<seq>/<id>_label.png`` (ids 0..6, 255 void), Cityscapes-like.
+
+    Sample names are ``<seq>/<id>``; ``sequences`` / ``exclude_sequences`` keep or drop whole
+    sequence folders (frames of one sequence are near duplicates: split by sequence, never by
+    frame; :func:`split_sequences` makes such splits). A split without a ``gtFine/<split>`` folder
+    (IDD Lite's ``test``) loads unlabelled: every label pixel is the ignore index, e.g. as the
+    unlabelled target of pseudo-label adaptation; ``labelled=False`` does so for any split.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", *, sequences: Sequence[str] | str | None = None,
+                 exclude_sequences: Sequence[str] | str = (), labelled: bool | None = None,
+                 meta: str | DatasetMeta = "idd_lite", **kwargs):
+        root = _root(root)
+        imgs, anns = root / "leftImg8bit" / split, root / "gtFine" / split
+        if labelled is None:
+            labelled = anns.is_dir()
+        if labelled:
+            pairs = pair_files(imgs, anns, "_image.jpg", "_label.png")
+        else:
+            if not imgs.is_dir():
+                raise SegrewardError(f"{imgs}: image folder not found; check the dataset root and split")
+            pairs = [(n, p, None) for n, p in sorted(_scan(imgs, "_image.jpg").items())]
+            if not pairs:
+                raise SegrewardError(f"{imgs}: no images ending in '_image.jpg' (recursively)")
+        available = Counter(idd_sequence(n) for n, _, _ in pairs)
+        keep = {str(s) for s in ([sequences] if isinstance(sequences, (str, int)) else sequences or [])}
+        drop = {str(s) for s in ([exclude_sequences] if isinstance(exclude_sequences, (str, int))
+                                 else exclude_sequences)}
+        unknown = sorted((keep | drop) - set(available), key=_seq_key)
+        if unknown:
+            raise SegrewardError(f"IDD Lite {imgs}: no sequence folder(s) {_listing(unknown)}; "
+                                 f"{len(available)} there ({_listing(sorted(available, key=_seq_key))})")
+        pairs = [p for p in pairs if (not keep or idd_sequence(p[0]) in keep) and idd_sequence(p[0]) not in drop]
+        if not pairs:
+            raise SegrewardError(f"IDD Lite {imgs}: the selection keeps no frame")
+        self.root, self.split, self.labelled = root, split, bool(labelled)
+        self.sequences = dict(sorted(Counter(idd_sequence(n) for n, _, _ in pairs).items(),
+                                     key=lambda kv: _seq_key(kv[0])))
+        super().__init__(pairs, resolve_meta(meta), **kwargs)
+
+
+def idd_sequence(name: str) -> str:
+    """The sequence folder of an IDD Lite sample name ``<seq>/<id>``."""
+    return name.split("/", 1)[0] if "/" in name else ""
+
+
+def _seq_key(s: str):
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def idd_sequences(root: str | Path, split: str = "train") -> dict[str, int]:
+    """``{sequence folder: number of frames}`` of an IDD Lite split (from the image folder)."""
+    imgs = _root(root) / "leftImg8bit" / split
+    if not imgs.is_dir():
+        raise SegrewardError(f"{imgs}: image folder not found; check the dataset root and split")
+    counts = Counter(idd_sequence(n) for n in _scan(imgs, "_image.jpg"))
+    return dict(sorted(counts.items(), key=lambda kv: _seq_key(kv[0])))
+
+
+def split_sequences(counts: dict[str, int], parts: dict[str, int], seed: int = 0) -> dict[str, list[str]]:
+    """Split sequences (``{name: frames}``) into named parts of at least the given frame counts.
+
+    The sequences are shuffled once by ``seed``; each part in the order given takes whole
+    sequences until it holds at least its number of frames; a part of ``-1`` takes all that is
+    left (at most one). No sequence is in two parts, so near-duplicate neighbouring frames never
+    straddle a split.
+    """
+    order = sorted(counts, key=_seq_key)
+    rng = np.random.default_rng(seed)
+    order = [order[i] for i in rng.permutation(len(order))]
+    out: dict[str, list[str]] = {}
+    rest = [k for k, v in parts.items() if v < 0]
+    if len(rest) > 1:
+        raise SegrewardError(f"split_sequences: at most one part may take the rest, got {rest}")
+    i = 0
+    for name, want in parts.items():
+        if want < 0:
+            continue
+        take, got = [], 0
+        while got < want and i < len(order):
+            take.append(order[i])
+            got += counts[order[i]]
+            i += 1
+        if got < want:
+            raise SegrewardError(f"split_sequences: part {name!r} needs {want} frames but only {got} are left")
+        out[name] = take
+    for name in rest:
+        out[name] = order[i:]
+    return {k: out[k] for k in parts}
+
+
 __all__ = ["CityscapesDataset", "GTA5Dataset", "ADE20KDataset", "VOCDataset", "CamVidDataset",
-           "camvid_frame", "camvid_pairs", "camvid_sequences", "select_frames"]
+           "camvid_frame", "camvid_pairs", "camvid_sequences", "select_frames", "IDDLiteDataset", "idd_sequence",
+           "idd_sequences", "split_sequences"]

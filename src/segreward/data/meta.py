@@ -60,6 +60,15 @@ CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSy
 CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
                   (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 
+# IDD Lite (India Driving Dataset, reduced: 320x227 frames): IDD's 7 level-1 classes, 255 void.
+IDD_LITE_CLASSES = ("drivable", "non-drivable", "living things", "vehicles", "road-side objects", "far objects",
+                    "sky")
+IDD_LITE_PALETTE = ((128, 64, 128), (244, 35, 232), (220, 20, 60), (0, 0, 142), (250, 170, 30), (70, 70, 70),
+                    (70, 130, 180))
+# CamVid's 11 classes (raw ids of SegNet's layout, 11 = void) onto IDD Lite's 7: Road -> drivable,
+# Pavement -> non-drivable, Pedestrian + Bicyclist -> living things, Car -> vehicles, Pole +
+# SignSymbol + Fence -> road-side objects, Building + Tree -> far objects, Sky -> sky.
+CAMVID_TO_IDD = {0: 6, 1: 5, 2: 4, 3: 0, 4: 1, 5: 5, 6: 4, 7: 4, 8: 3, 9: 2, 10: 2, 11: 255}
 
 
 def make_palette(n: int) -> tuple[tuple[int, int, int], ...]:
@@ -123,8 +132,32 @@ register_meta(DatasetMeta("gta5", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                           label_map=CITYSCAPES_ID_TO_TRAINID, map_unlisted=True))
 # CamVid (SegNet 11-class version): id 11 is void, mapped to the ignore index.
 register_meta(DatasetMeta("camvid", CAMVID_CLASSES, CAMVID_PALETTE, label_map={11: 255}))
+register_meta(DatasetMeta("idd_lite", IDD_LITE_CLASSES, IDD_LITE_PALETTE))
+# CamVid's raw label ids read as IDD Lite's 7 classes (``label_map: camvid_to_idd``).
+register_meta(DatasetMeta("camvid_idd", IDD_LITE_CLASSES, IDD_LITE_PALETTE, label_map=CAMVID_TO_IDD))
 register_meta(DatasetMeta("ade20k", ADE20K_CLASSES, ADE20K_PALETTE, reduce_zero_label=True))
 register_meta(DatasetMeta("voc", VOC_CLASSES, VOC_PALETTE))
+
+
+# Named label maps (``label_map: NAME`` in a dataset spec): the map and the meta whose classes it
+# produces. ``source`` is the meta whose raw ids it reads.
+LABEL_MAPS: dict[str, tuple[str, str]] = {"camvid_to_idd": ("camvid", "camvid_idd")}
+
+
+def named_label_map(name: str, source: str | None = None) -> DatasetMeta:
+    """The meta of a named label map (classes, palette and raw-id map of its target classes).
+
+    ``source``: the meta name of the dataset it is applied to; a map made for another dataset's
+    raw ids is refused (CamVid's map on Cityscapes ids would relabel silently).
+    """
+    key = str(name).lower()
+    if key not in LABEL_MAPS:
+        raise SegrewardError(f"label_map={name!r}: unknown named label map; known: {', '.join(sorted(LABEL_MAPS))} "
+                             "(or give a mapping {raw id: train id})")
+    reads, meta = LABEL_MAPS[key]
+    if source is not None and source != reads:
+        raise SegrewardError(f"label_map={name!r} maps {reads} label ids; this dataset's labels are {source}'s")
+    return get_meta(meta)
 
 
 def get_meta(name: str) -> DatasetMeta:

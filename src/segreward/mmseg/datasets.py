@@ -9,6 +9,15 @@ segreward runs name and colour classes the same way:
       dict(type='CamVidDataset', data_root='data/CamVid',
            data_prefix=dict(img_path='train', seg_map_path='trainannot'))
 
+* ``IDDLiteDataset`` -- IDD Lite (``leftImg8bit/<split>/<seq>/<id>_image.jpg`` +
+  ``gtFine/<split>/<seq>/<id>_label.png``, 7 classes, 255 void)::
+
+      dict(type='IDDLiteDataset', data_root='data/idd_lite',
+           data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'))
+
+* ``CamVidIDDDataset`` -- CamVid's frames read as IDD Lite's 7 classes (same layout as
+  ``CamVidDataset``), the source of CamVid -> IDD Lite adaptation.
+
 * ``SyntheticShiftDataset`` -- the synthetic domain-shift scenes, written in mmseg's layout by
   ``segreward.data.synthetic.write_mmseg_layout`` (``img_dir/<split>``, ``ann_dir/<split>``).
 """
@@ -43,9 +52,11 @@ class _MetaDataset(BaseSegDataset):
     and then mmseg's own class-subset map (``metainfo=dict(classes=[...])``)."""
 
     _RAW_MAP: dict[int, int] | None = None
+    _SUFFIXES = (".png", ".png")
 
-    def __init__(self, img_suffix: str = ".png", seg_map_suffix: str = ".png", **kwargs):
-        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, **kwargs)
+    def __init__(self, img_suffix: str | None = None, seg_map_suffix: str | None = None, **kwargs):
+        super().__init__(img_suffix=img_suffix or self._SUFFIXES[0], seg_map_suffix=seg_map_suffix or self._SUFFIXES[1],
+                         **kwargs)
 
     @classmethod
     def get_label_map(cls, new_classes=None):
@@ -59,13 +70,16 @@ class _MetaDataset(BaseSegDataset):
         return composed
 
 
-def register_meta_dataset(type_name: str, meta: DatasetMeta, doc: str = "") -> type:
-    """Create and register an mmseg dataset class ``type_name`` for a segreward ``DatasetMeta``."""
+def register_meta_dataset(type_name: str, meta: DatasetMeta, doc: str = "", img_suffix: str = ".png",
+                          seg_map_suffix: str = ".png") -> type:
+    """Create and register an mmseg dataset class ``type_name`` for a segreward ``DatasetMeta``
+    (file suffixes: the defaults of the class, a config may still override them)."""
     if meta.ignore_index != 255:
         raise ValueError(f"{meta.name}: mmseg datasets use ignore index 255, the meta has {meta.ignore_index}")
     cls = type(type_name, (_MetaDataset,), {
         "METAINFO": _metainfo(meta),
         "_RAW_MAP": _raw_map(meta),
+        "_SUFFIXES": (img_suffix, seg_map_suffix),
         "__doc__": doc or f"segreward's {meta.name!r} dataset ({meta.num_classes} classes) for mmseg.",
         "__module__": __name__,
     })
@@ -77,6 +91,17 @@ def register_meta_dataset(type_name: str, meta: DatasetMeta, doc: str = "") -> t
 CamVidDataset = register_meta_dataset(
     "CamVidDataset", get_meta("camvid"),
     "CamVid, SegNet's 11-class layout (``<split>/*.png`` + ``<split>annot/*.png``); void (11) -> 255.")
+
+IDDLiteDataset = register_meta_dataset(
+    "IDDLiteDataset", get_meta("idd_lite"),
+    "IDD Lite, 7 level-1 classes (``leftImg8bit/<split>/<seq>/*_image.jpg`` + ``gtFine/<split>/<seq>/*_label.png``).",
+    img_suffix="_image.jpg", seg_map_suffix="_label.png")
+
+# CamVid's frames with their 11 classes mapped onto IDD Lite's 7 (``label_map: camvid_to_idd``):
+# the source of CamVid -> IDD Lite adaptation, named and coloured like IDDLiteDataset.
+CamVidIDDDataset = register_meta_dataset(
+    "CamVidIDDDataset", get_meta("camvid_idd"),
+    "CamVid (SegNet layout) read as IDD Lite's 7 classes: the source of CamVid -> IDD Lite adaptation.")
 
 # The synthetic generator registers its meta when imported; without it, skip the dataset.
 SyntheticShiftDataset = None

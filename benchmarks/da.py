@@ -1,16 +1,29 @@
-"""CamVid day -> dusk: each method at its best learning rate, with and without calibration.
+"""Domain adaptation verdict: each method at its best learning rate, with and without calibration,
+on named domain pairs (``--pair``). Every training run goes through the trainer.
 
-Every training run goes through the trainer.
+Pairs (``--pair``; each defines the source, the target roles and the classes):
 
-Data. Source = day sequences 0006R0 + 0016E5 of ``train/``; day val = ``val/`` (0016E5). The dusk
-frames 0001TP of ``train/`` play three roles, split by frame number (neighbouring frames would
-leak otherwise): the first 2/3 *tune* (the labels every method trains and calibrates on), the
-last 1/3 is the *selection* split, used only to choose each method's lr. ``--eval-root DIR`` (a
-CamVid-layout folder with a ``--eval-split``, default ``test``) is where the chosen settings are
-scored: its 0001TP frames are the target evaluation, its other frames the source evaluation
-(``--root``'s day val when it has none). Without it the scored target numbers *are* the
-selection split's, chosen on that split: optimistic, and the outputs say so. Frames are
-downscaled (``--size``) and decoded once per process into :class:`InMemoryDataset` tensors.
+* ``camvid_dusk`` -- CamVid day -> dusk, 11 classes. Source = day sequences 0006R0 + 0016E5 of
+  ``train/``. The dusk frames 0001TP of ``train/`` are split by frame number (neighbouring frames
+  would leak otherwise): the first 2/3 *tune* (the labels every method trains and calibrates on,
+  41 frames), the last 1/3 *selection* (21 frames: chooses each method's lr and nothing else).
+  The scored *target evaluation* is the 62 dusk frames 0001TP of ``test/`` (later in the clip,
+  never adjacent to the others); the source evaluation is the day frames of ``test/`` (Seq05VD).
+  Without a ``test/`` folder (and no ``--eval-root``) the scored numbers are the selection
+  split's: optimistic, and the outputs say so.
+* ``camvid_idd`` -- CamVid (UK) -> IDD Lite (India), IDD Lite's 7 classes (CamVid's 11 mapped
+  by ``label_map: camvid_to_idd``). Source = every CamVid frame of ``--root`` (train + val +
+  test, day and dusk); source evaluation = every 4th frame of CamVid ``val/`` (inside the
+  source's training set: it measures fit and forgetting, not generalisation). Target = IDD Lite
+  ``train/`` (``--idd-root``) split *by sequence folder* once (``--split-seed``, the same for
+  every seed, method and budget): *evaluation* (>= ``--eval-frames``, 700), *selection* (>=
+  ``--select-frames``, 300) and the tune pool (the rest). ``--budget N`` labelled tune frames
+  are taken round-robin over the pool's sequences (nested: the 16 frames are among the 64, the
+  64 among the 256). ``uda`` trains on the pool and IDD Lite's unlabelled ``test/`` frames.
+
+``--eval-root DIR --eval-split S`` scores any pair on another folder of its target's layout
+(CamVid: its 0001TP frames; IDD Lite: every frame of the split, e.g. the official ``val``).
+Frames are downscaled (``--size``) and decoded once per process into :class:`InMemoryDataset`.
 
 Protocol, per seed. CE pretraining on the source (``--pretrain-steps``) -> checkpoint ``src``
 (row ``source_only``); CE fine-tuning of ``src`` on the tune labels (``--finetune-steps``) ->
@@ -43,13 +56,17 @@ Methods (config of the trainer in brackets):
 Statistics. Each method's lr (``+cal`` pipelines separately) is the grid point with the highest
 mean selection mIoU over the seeds that ran the whole grid (not chosen per seed). At the chosen
 lrs: mean ± std over seeds, the seed-paired differences to ``ce`` and ``lovasz`` (and to
-``self_training`` in uda), per-class IoU, the lr curves, the logged diagnostics' means.
+``self_training`` in uda), per-class IoU, the lr curves, the logged diagnostics' means. Paired differences come with a 95% interval
+(Student t over the seed-paired differences) and the smallest effect the design detects at
+that n (two-sided 5% test, 80% power: (t_0.975 + t_0.8) x sd / sqrt(n)).
 
-    python benchmarks/camvid_da.py --root ../shared/data/camvid --seeds 0 1 2 3 4 --protocols after_ce \\
-        --out results/camvid_verdict --plot docs/img/camvid_lr_curves.png
+    python benchmarks/da.py --pair camvid_idd --budget 64 --seeds 0 --protocols after_ce \\
+        --work runs/da_idd --out runs/da_idd_s0 --append
 
-writes ``results/camvid_verdict.json`` and ``.md``, rewritten after every run (``--append``
-resumes; ``--merge`` pools processes that ran different seeds).
+writes ``runs/da_idd_s0.json`` and ``.md``, rewritten after every run (``--append`` resumes;
+``--merge`` pools processes that ran other seeds, budgets, methods or lr grids). Reproducible:
+the same command, seed and ``--threads`` give the same numbers (every stage, batch order, flip,
+sample and evaluation is seeded; ``torch.use_deterministic_algorithms``).
 """
 
 from __future__ import annotations
@@ -69,16 +86,21 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from segreward.calibrate.folding import fold_offsets
-from segreward.data.formats import CamVidDataset
+from segreward.data.formats import CamVidDataset, IDDLiteDataset, idd_sequence, idd_sequences, split_sequences
 from segreward.data.memory import InMemoryDataset
 from segreward.engine import config_from_dict, train
 from segreward.engine.calibration import calibrate_model
 from segreward.engine.trainer import evaluate
 from segreward.models import build_model, load_weights
+from segreward.errors import SegrewardError
 from segreward.runlog import load_run
 
-NUM_CLASSES, IGNORE = 11, 255
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_result  # noqa: E402  (benchmarks/ is not a package)
+
+IGNORE = 255
 DAY, DUSK = ("0006R0", "0016E5"), "0001TP"
+PAIRS = ("camvid_dusk", "camvid_idd")
 PROTOCOLS = ("after_ce", "from_source", "uda")
 SCOPES = ("image", "batch", "running")
 LABELLED = ["ce", "lovasz", "ce_lovasz", "local_batch", "local_batch_ce"]
@@ -136,9 +158,9 @@ def methods_of(protocol: str, wanted: list[str] | None) -> list[str]:
     return list(dict.fromkeys([REFERENCE[protocol]] + fits))
 
 
-def reward_weights_from(y: torch.Tensor) -> list[float]:
+def reward_weights_from(y: torch.Tensor, num_classes: int) -> list[float]:
     """Inverse-sqrt pixel frequency of the tuning labels, mean 1 over the classes present."""
-    counts = torch.bincount(y[y != IGNORE].flatten(), minlength=NUM_CLASSES).double()
+    counts = torch.bincount(y[y != IGNORE].flatten(), minlength=num_classes).double()
     freq = counts / counts.sum()
     w = torch.where(freq > 0, freq.clamp_min(1e-6).rsqrt(), torch.zeros_like(freq))
     return [round(v, 4) for v in (w / w[freq > 0].mean()).tolist()]
@@ -150,7 +172,29 @@ def _describe(ds: InMemoryDataset, where: str) -> str:
 
 
 def load_data(args) -> dict:
-    """Decode every frame set once; returns datasets and a statement of which frames play which role."""
+    """Decode every frame set of ``args.pair`` once; returns the datasets (``source``,
+    ``source_eval``, ``target_tune``, ``target_select``, ``target_eval``, ``target_unlabelled``),
+    the classes, the label budget and a statement of which frames play which role."""
+    sets, frames, info = (load_camvid_idd if args.pair == "camvid_idd" else load_camvid_dusk)(args)
+    data = {k: InMemoryDataset.decode(ds) for k, ds in tqdm(list(sets.items()), desc="decode", leave=False)}
+    if args.source_eval_every > 1:  # a subsample of the source frames measures the same fit, faster
+        data["source_eval"] = data["source_eval"].subset(slice(None, None, args.source_eval_every))
+        frames["source_eval"] += f", every {args.source_eval_every}th frame"
+    data.update(info.pop("derive")(data, frames))
+    data["frames"] = {k: _describe(data[k], v) for k, v in frames.items()}
+    data["optimistic"] = "target_eval" not in sets
+    if data["optimistic"]:  # no test split: the scored numbers are the selection split's
+        data["target_eval"] = data["target_select"]
+        data["frames"]["target_eval"] = ("the selection split (no test split or --eval-root): chosen on this split, "
+                                         "optimistic")
+    data["classes"] = list(data["source"].classes)
+    data["num_classes"] = len(data["classes"])
+    data["budget"] = len(data["target_tune"])
+    data.update(info)
+    return data
+
+
+def load_camvid_dusk(args) -> tuple[dict, dict, dict]:
     kw = dict(size=tuple(args.size), cache=False)
     root = Path(args.root)
     sets = {"source": CamVidDataset(root, "train", sequences=list(DAY), **kw),
@@ -159,32 +203,107 @@ def load_data(args) -> dict:
     frames = {"source": f"day {'+'.join(DAY)} of `{root}/train`",
               "target_tune": f"dusk {DUSK} of `{root}/train`, first 2/3 by frame number",
               "target_select": f"dusk {DUSK} of `{root}/train`, last 1/3 by frame number (held out from tuning)"}
-    if args.eval_root is None:
+    ev, note = (Path(args.eval_root), " (--eval-root)") if args.eval_root else (root, "")
+    if args.eval_root is None and not (root / args.eval_split).is_dir():
+        ev = None
+    if ev is None:
         sets["source_eval"] = CamVidDataset(root, "val", **kw)
         frames["source_eval"] = f"`{root}/val`"
     else:
-        ev = Path(args.eval_root)
         sets["target_eval"] = CamVidDataset(ev, args.eval_split, sequences=DUSK, **kw)
-        frames["target_eval"] = f"dusk {DUSK} of `{ev}/{args.eval_split}` (--eval-root)"
+        frames["target_eval"] = f"dusk {DUSK} of `{ev}/{args.eval_split}`{note}"
         try:
             sets["source_eval"] = CamVidDataset(ev, args.eval_split, exclude_sequences=DUSK, **kw)
             seqs = "+".join(sets["source_eval"].sequences)
-            frames["source_eval"] = f"{seqs} of `{ev}/{args.eval_split}` (--eval-root)"
-        except ValueError:  # the eval split holds dusk frames only: keep the day val of --root
+            frames["source_eval"] = f"{seqs} of `{ev}/{args.eval_split}`{note}"
+        except SegrewardError:  # the eval split holds dusk frames only: keep the day val of --root
             sets["source_eval"] = CamVidDataset(root, "val", **kw)
             frames["source_eval"] = f"`{root}/val` (`{ev}/{args.eval_split}` has no other sequence)"
-    data = {k: InMemoryDataset.decode(ds) for k, ds in tqdm(list(sets.items()), desc="decode", leave=False)}
-    if args.source_eval_every > 1:  # val/ interleaves with train frames: a subsample measures the same fit, faster
-        data["source_eval"] = data["source_eval"].subset(slice(None, None, args.source_eval_every))
-        frames["source_eval"] += f", every {args.source_eval_every}th frame"
-    data["frames"] = {k: _describe(data[k], v) for k, v in frames.items()}
-    data["optimistic"] = args.eval_root is None
-    if data["optimistic"]:  # no test split: the scored numbers are the selection split's
-        data["target_eval"] = data["target_select"]
-        data["frames"]["target_eval"] = ("the selection split (no --eval-root): chosen on this split, "
-                                         "optimistic")
-    data["classes"] = list(sets["source"].meta.classes)
-    return data
+
+    def derive(data, frames):  # uda: the tune frames without their labels
+        frames["target_unlabelled"] = frames["target_tune"] + ", labels dropped"
+        return {"target_unlabelled": unlabelled(data["target_tune"])}
+    return sets, frames, {"derive": derive, "split": {"tune": sets["target_tune"].names}}
+
+
+def load_camvid_idd(args) -> tuple[dict, dict, dict]:
+    kw = dict(size=tuple(args.size), cache=False)
+    croot, iroot = Path(args.root), Path(args.idd_root)
+    splits = "+".join(s for s in ("train", "val", "test") if (croot / s).is_dir() and (croot / f"{s}annot").is_dir())
+    seqs = idd_sequences(iroot, "train")
+    parts = split_sequences(seqs, {"evaluation": args.eval_frames, "selection": args.select_frames, "pool": -1},
+                            seed=args.split_seed)
+    pool = round_robin({s: sorted(n for n in _idd_names(iroot, s)) for s in parts["pool"]})
+    if args.budget > len(pool):
+        raise SystemExit(f"--budget {args.budget}: the tune pool has only {len(pool)} frames "
+                         f"({len(parts['pool'])} sequences)")
+    tune = pool[:args.budget]
+    sets = {"source": CamVidDataset(croot, splits, label_map="camvid_to_idd", **kw),
+            "source_eval": CamVidDataset(croot, "val" if (croot / "val").is_dir() else splits.split("+")[0],
+                                         label_map="camvid_to_idd", **kw),
+            "target_tune": _idd_subset(iroot, tune, kw),
+            "target_select": IDDLiteDataset(iroot, "train", sequences=parts["selection"], **kw)}
+    n_seq = len({idd_sequence(n) for n in tune})
+    frames = {"source": f"every CamVid frame of `{croot}` ({splits}, day and dusk), 11 classes mapped to IDD Lite's 7",
+              "source_eval": f"CamVid `{croot}/val` (part of the source training set: fit, not generalisation)",
+              "target_tune": f"IDD Lite `{iroot}/train`, budget {args.budget}: {len(tune)} frames of {n_seq} "
+                             f"sequences of the tune pool ({len(pool)} frames, {len(parts['pool'])} sequences), "
+                             "round-robin over its sequences",
+              "target_select": f"IDD Lite `{iroot}/train`, {len(parts['selection'])} sequences (split seed "
+                               f"{args.split_seed})"}
+    if args.eval_root:
+        sets["target_eval"] = IDDLiteDataset(args.eval_root, args.eval_split, **kw)
+        frames["target_eval"] = f"every frame of IDD Lite `{args.eval_root}/{args.eval_split}` (--eval-root)"
+    else:
+        sets["target_eval"] = IDDLiteDataset(iroot, "train", sequences=parts["evaluation"], **kw)
+        frames["target_eval"] = (f"IDD Lite `{iroot}/train`, {len(parts['evaluation'])} sequences (split seed "
+                                 f"{args.split_seed}; no choice is made on them)")
+    extra = IDDLiteDataset(iroot, "test", labelled=False, **kw) if (iroot / "leftImg8bit" / "test").is_dir() else None
+    if extra is not None:
+        sets["unlabelled_extra"] = extra
+
+    def derive(data, frames):  # uda: the whole tune pool without labels, plus IDD Lite's unlabelled test frames
+        pool_set = unlabelled(InMemoryDataset.decode(_idd_subset(iroot, pool, kw)))
+        parts_u = [pool_set] + ([data.pop("unlabelled_extra")] if extra is not None else [])
+        frames.pop("unlabelled_extra", None)
+        frames["target_unlabelled"] = (f"IDD Lite tune pool ({len(pool)} frames, labels dropped)"
+                                       + (f" + {len(extra)} unlabelled frames of `{iroot}/leftImg8bit/test`"
+                                          if extra is not None else ""))
+        return {"target_unlabelled": concat(parts_u)}
+    return sets, frames, {"derive": derive, "split": {k: v for k, v in parts.items()} | {"tune": tune}}
+
+
+def _idd_names(root: Path, seq: str) -> list[str]:
+    return [f"{seq}/{p.name[:-len('_image.jpg')]}" for p in (root / "leftImg8bit" / "train" / seq).glob("*_image.jpg")]
+
+
+def _idd_subset(root: Path, names: list[str], kw: dict) -> IDDLiteDataset:
+    """The IDD Lite train frames ``names`` (``<seq>/<id>``), in that order."""
+    ds = IDDLiteDataset(root, "train", sequences=sorted({idd_sequence(n) for n in names}), **kw)
+    by_name = {n: smp for n, smp in zip(ds.names, ds.samples)}
+    ds.samples = [by_name[n] for n in names]
+    return ds
+
+
+def round_robin(by_seq: dict[str, list[str]]) -> list[str]:
+    """Frames taken one per sequence in turn (sequences in the given order, frames in theirs): any
+    prefix spreads over as many sequences as it can."""
+    out, k = [], 0
+    while len(out) < sum(map(len, by_seq.values())):
+        out += [v[k] for v in by_seq.values() if k < len(v)]
+        k += 1
+    return out
+
+
+def unlabelled(ds: InMemoryDataset) -> InMemoryDataset:
+    """The same images with every label pixel set to the ignore index."""
+    return InMemoryDataset(ds.images, torch.full_like(ds.labels, ds.ignore_index), ds.classes, ds.ignore_index,
+                           None, ds.names)
+
+
+def concat(parts: list[InMemoryDataset]) -> InMemoryDataset:
+    return InMemoryDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                           parts[0].classes, parts[0].ignore_index, None, [n for p in parts for n in p.names])
 
 
 def eval_sets(data: dict) -> dict:
@@ -200,7 +319,7 @@ def run_config(args, work: Path, seed: int, stage: str, steps: int, lr: float, c
                sections: dict, schedule: str = "constant") -> dict:
     """A trainer config: Adam (lr schedule ``schedule``), flips, one evaluation at the end."""
     return {"name": work.name, "stage": stage, "seed": seed, "work_dir": str(work),
-            "model": {"name": "unet", "num_classes": NUM_CLASSES, "options": {"width": args.width},
+            "model": {"name": "unet", "num_classes": args.num_classes, "options": {"width": args.width},
                       "checkpoint": checkpoint},
             "optim": {"name": "adam", "lr": lr, "weight_decay": 0.0, "schedule": schedule},
             "train": {"iters": steps, "batch_size": args.batch, "eval_every": steps, "checkpoint_every": steps,
@@ -232,13 +351,13 @@ def _device(args) -> str:
 
 
 def load_model(args, path: str | Path) -> nn.Module:
-    model = build_model("unet", NUM_CLASSES, width=args.width)
+    model = build_model("unet", args.num_classes, width=args.width)
     load_weights(model, path)
     return model.to(_device(args))
 
 
 def score_model(model: nn.Module, data: dict, args) -> dict:
-    val = {k: evaluate(model, ds, NUM_CLASSES, IGNORE, device=_device(args)) for k, ds in eval_sets(data).items()}
+    val = {k: evaluate(model, ds, args.num_classes, IGNORE, device=_device(args)) for k, ds in eval_sets(data).items()}
     return scores(val)
 
 
@@ -273,10 +392,17 @@ def run_stage(cfg: dict, data: dict, train_set: InMemoryDataset, args, reuse_key
     return out
 
 
-def chosen_lrs_from(path: str) -> dict[tuple[str, str], float]:
-    """``(protocol, method) -> chosen lr`` of an earlier result file (``--lrs-from``)."""
+def chosen_lrs_from(path: str, budget: int | None = None) -> dict[tuple[str, str], float]:
+    """``(protocol, method) -> chosen lr`` of an earlier result file (``--lrs-from``), at label
+    budget ``budget`` (``--lrs-budget``; None: the file must hold one budget per protocol)."""
     res = json.loads(Path(path).with_suffix(".json").read_text())
-    return {(r["protocol"], r["method"]): r["lr"] for r in res["summary"]["rows"] if r["lr"] is not None}
+    rows = [r for r in res["summary"]["rows"] if r["lr"] is not None]
+    budgets = sorted({r.get("budget") for r in rows}, key=lambda b: -1 if b is None else b)
+    if budget is None and len(budgets) > 1:
+        raise SystemExit(f"--lrs-from {path}: lrs chosen at budgets {budgets}; say which with --lrs-budget")
+    if budget is not None and budget not in budgets:
+        raise SystemExit(f"--lrs-from {path}: no lrs chosen at budget {budget}; there: {budgets}")
+    return {(r["protocol"], r["method"]): r["lr"] for r in rows if budget is None or r.get("budget") == budget}
 
 
 def lr_plan(args, protocol: str, method: str, chosen: dict | None) -> list[float]:
@@ -294,12 +420,16 @@ def lr_plan(args, protocol: str, method: str, chosen: dict | None) -> list[float
 def run(args) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
+    # Same command, seed and thread count -> same numbers (CPU kernels are deterministic at a
+    # fixed thread count; on CUDA this also picks deterministic kernels where torch has them).
+    torch.use_deterministic_algorithms(True, warn_only=True)
     data = load_data(args)
+    args.num_classes = data["num_classes"]
     tune = data["target_tune"]
-    weights = reward_weights_from(tune.labels)
+    weights = reward_weights_from(tune.labels, args.num_classes)
     methods = {p: methods_of(p, args.methods) for p in args.protocols}
     budget = {"after_ce": args.extra_steps, "from_source": args.source_steps, "uda": args.uda_steps}
-    chosen = chosen_lrs_from(args.lrs_from) if args.lrs_from else None
+    chosen = chosen_lrs_from(args.lrs_from, args.lrs_budget) if args.lrs_from else None
     plan = {(p, m): lr_plan(args, p, m, chosen) for p in methods for m in methods[p]}
     out_json = Path(args.out).with_suffix(".json")
     previous: list[dict] = []
@@ -308,26 +438,31 @@ def run(args) -> dict:
         previous = old["runs"]
         args.prev_runtime_s = float(old.get("runtime_s", 0.0))
         args.prev_commands = old["config"].get("commands", [])
-    done = {(r["protocol"], r["method"], r["seed"], r["lr"]) for r in previous}
+    done = {run_key(r) for r in previous}
+    budget_n = data["budget"]
     runs: list[dict] = list(previous)
     temp_work = args.work is None
-    work_root = Path(tempfile.mkdtemp(prefix="camvid_da_")) if temp_work else Path(args.work)
+    work_root = Path(tempfile.mkdtemp(prefix="da_")) if temp_work else Path(args.work)
     finetune = "after_ce" in methods  # the CE fine-tuned checkpoint is the start of after_ce only
     per_seed = args.pretrain_steps + finetune * args.finetune_steps + sum(len(v) * budget[p]
                                                                           for (p, _), v in plan.items())
-    print(f"data: source {len(data['source'])}, target tune {len(tune)}, selection {len(data['target_select'])}, "
+    print(f"pair {args.pair}: source {len(data['source'])}, target tune {len(tune)}, selection {len(data['target_select'])}, "
           f"target eval {len(data['target_eval'])}{' (= selection)' if data['optimistic'] else ''}, source eval "
-          f"{len(data['source_eval'])} frames at {args.size[0]}x{args.size[1]}; {per_seed} steps of batch "
+          f"{len(data['source_eval'])}, unlabelled {len(data['target_unlabelled'])} frames at {args.size[0]}x{args.size[1]}; {per_seed} steps of batch "
           f"{args.batch} per seed; runs in {work_root}", flush=True)
-    bar = tqdm(total=per_seed * len(args.seeds), desc="camvid_da", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=per_seed * len(args.seeds), desc=args.pair, unit="step", dynamic_ncols=True)
+
+    def key(protocol, method, seed, lr):
+        return run_key({"pair": args.pair, "budget": budget_n, "protocol": protocol, "method": method, "seed": seed,
+                        "lr": lr})
 
     def record(protocol, method, seed, lr, steps, s, diag=None, t0=None):
-        if (protocol, method, seed, lr) in done:
+        if key(protocol, method, seed, lr) in done:
             return
-        row = {"protocol": protocol, "method": method, "seed": seed, "lr": lr, "steps": steps, **s,
-               "diag": diag or {}, "time_s": round(time.perf_counter() - t0, 1) if t0 else None}
+        row = {"pair": args.pair, "protocol": protocol, "budget": budget_n, "method": method, "seed": seed, "lr": lr,
+               "steps": steps, **s, "diag": diag or {}, "time_s": round(time.perf_counter() - t0, 1) if t0 else None}
         runs.append(row)
-        done.add((protocol, method, seed, lr))
+        done.add(key(protocol, method, seed, lr))
         tqdm.write(f"seed {seed} {protocol:11s} {method:22s} lr {lr if lr is not None else '-':<7} target "
                    f"{row['target_mIoU']:6.2f} select {row['select_mIoU']:6.2f} source {row['source_mIoU']:6.2f}"
                    + (f" ({row['time_s']:.0f} s)" if t0 else ""))
@@ -335,7 +470,7 @@ def run(args) -> dict:
 
     def record_with_cal(protocol, method, seed, lr, steps, s, weights_path, diag=None, t0=None):
         record(protocol, method, seed, lr, steps, s, diag, t0)
-        if (protocol, method + CAL, seed, lr) not in done:
+        if key(protocol, method + CAL, seed, lr) not in done:
             t1 = time.perf_counter()
             cs, info = calibrated(args, weights_path, data)
             record(protocol, method + CAL, seed, lr, steps, cs, info, t1)
@@ -343,28 +478,30 @@ def run(args) -> dict:
     try:
         for seed in args.seeds:
             sdir = work_root / f"seed{seed}"
-            key = {"root": str(Path(args.root).resolve()), "size": list(args.size)}
+            reuse = {"pair": args.pair, "root": str(Path(args.root).resolve()), "size": list(args.size)}
             t0 = time.perf_counter()
             cfg = run_config(args, sdir / "pretrain", seed, "pretrain", args.pretrain_steps, args.pretrain_lr, None,
                              {"loss": {"type": "ce"}}, args.stage_schedule)
             bar.set_postfix_str(f"seed {seed} pretrain")
-            s = run_stage(cfg, data, data["source"], args, {**key, "cfg": cfg})
+            s = run_stage(cfg, data, data["source"], args, {**reuse, "cfg": cfg})
             bar.update(args.pretrain_steps)
             src = str(sdir / "pretrain" / "model.safetensors")
             for p in ("from_source", "uda"):
                 if p in methods:
                     record_with_cal(p, "source_only", seed, None, 0, s, src, t0=t0)
-            ce = str(sdir / "finetune" / "model.safetensors")
+            bdir = sdir / f"N{budget_n}"
+            ce = str(bdir / "finetune" / "model.safetensors")
             if finetune:
                 t0 = time.perf_counter()
-                cfg = run_config(args, sdir / "finetune", seed + 1, "pretrain", args.finetune_steps, args.lr, src,
+                cfg = run_config(args, bdir / "finetune", seed + 1, "pretrain", args.finetune_steps, args.lr, src,
                                  {"loss": {"type": "ce"}}, args.stage_schedule)
                 bar.set_postfix_str(f"seed {seed} CE fine-tune")
-                s = run_stage(cfg, data, tune, args, {**key, "cfg": cfg})
+                s = run_stage(cfg, data, tune, args, {**reuse, "tune": list(tune.names), "cfg": cfg})
                 bar.update(args.finetune_steps)
                 record_with_cal("after_ce", "ce_finetuned", seed, None, 0, s, ce, t0=t0)
             # identical batches and flips for every method and lr of this seed
-            seeded_tune = tune.seeded(seed + 2)
+            seeded = {"after_ce": tune.seeded(seed + 2), "from_source": tune.seeded(seed + 2),
+                      "uda": data["target_unlabelled"].seeded(seed + 2)}
             for protocol in args.protocols:
                 steps = budget[protocol]
                 lrs = list(dict.fromkeys(lr for m in methods[protocol] for lr in plan[(protocol, m)]))
@@ -373,15 +510,15 @@ def run(args) -> dict:
                 todo = ([(m, lr) for lr in lrs for m in methods[protocol] if lr in plan[(protocol, m)]]
                         if args.order == "lr" else [(m, lr) for m in methods[protocol] for lr in plan[(protocol, m)]])
                 for method, lr in todo:
-                    if {(protocol, method, seed, lr), (protocol, method + CAL, seed, lr)} <= done:
+                    if {key(protocol, method, seed, lr), key(protocol, method + CAL, seed, lr)} <= done:
                         bar.update(steps)
                         continue
                     t0 = time.perf_counter()
-                    work = sdir / protocol / method / f"lr{lr:g}"
+                    work = bdir / protocol / method / f"lr{lr:g}"
                     cfg = run_config(args, work, seed + 2, "tune", steps, lr,
                                      ce if protocol == "after_ce" else src, method_loss(method, args, weights))
                     bar.set_postfix_str(f"seed {seed} {protocol} {method} lr {lr:g}")
-                    s = run_stage(cfg, data, seeded_tune, args)
+                    s = run_stage(cfg, data, seeded[protocol], args)
                     diag = diagnostics(work)
                     record_with_cal(protocol, method, seed, lr, steps, s, work / "model.safetensors", diag, t0)
                     if not args.keep_weights:
@@ -396,6 +533,11 @@ def run(args) -> dict:
     print(f"total runtime {result['runtime_s']:.0f} s on {torch.get_num_threads()} CPU thread(s) "
           f"({platform.processor() or platform.machine()})", flush=True)
     return result
+
+
+def run_key(r: dict) -> tuple:
+    """What identifies a run in a result file: pair, label budget, protocol, method, seed, lr."""
+    return (r.get("pair"), r.get("budget"), r["protocol"], r["method"], r["seed"], r.get("lr"))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -426,70 +568,96 @@ def choose_lr(cells: dict) -> tuple[float | None, list[int]]:
     return best, common
 
 
+def paired(diffs: list[float]) -> dict:
+    """Mean, std, 95% interval (Student t) of seed-paired differences, and the smallest paired
+    effect this n detects (two-sided 5% test, 80% power) at the observed spread."""
+    from scipy import stats
+    mean, sd = _mean_std(diffs)
+    out = {"diff_mean": mean, "diff_std": sd, "diffs": [round(x, 3) for x in diffs], "ci95": None, "mde": None}
+    n = len(diffs)
+    if n >= 2:
+        se = sd / np.sqrt(n)
+        half = float(stats.t.ppf(0.975, n - 1) * se)
+        out["ci95"] = [mean - half, mean + half]
+        out["mde"] = float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * se)
+    return out
+
+
 def summarize(runs: list[dict]) -> dict:
-    """``cells``: per (protocol, method, lr) mean ± std of each split over seeds (the lr curves);
-    ``rows``: per (protocol, method) at its chosen lr, with seed-paired differences to ``ce``,
-    ``lovasz`` (and the protocol's reference) at *their* chosen lrs and the diagnostics' means;
-    ``goal``: the issue's criterion for after_ce."""
+    """``cells``: per (protocol, budget, method, lr) mean ± std of each split over seeds (the lr
+    curves); ``rows``: per (protocol, budget, method) at its chosen lr, with seed-paired
+    differences (95% interval, detectable effect) to ``ce``, ``lovasz`` (and the protocol's
+    reference) at *their* chosen lrs and the diagnostics' means; ``goals``: the issue's criterion
+    for after_ce at each budget."""
     groups: dict[tuple, dict] = {}
     for r in runs:
-        groups.setdefault((r["protocol"], r["method"]), {}).setdefault(r.get("lr"), {})[r["seed"]] = r
+        groups.setdefault((r["protocol"], r.get("budget"), r["method"]), {}).setdefault(r.get("lr"), {})[r["seed"]] = r
     cells = []
-    for (p, m), by_lr in groups.items():
+    for (p, b, m), by_lr in groups.items():
         for lr, by_seed in sorted(by_lr.items(), key=lambda kv: _lr_key(kv[0])):
-            cell = {"protocol": p, "method": m, "lr": lr, "n": len(by_seed), "seeds": sorted(by_seed)}
+            cell = {"protocol": p, "budget": b, "method": m, "lr": lr, "n": len(by_seed), "seeds": sorted(by_seed)}
             for side in ("target", "select", "source"):
                 cell[f"{side}_mean"], cell[f"{side}_std"] = _mean_std([r[f"{side}_mIoU"] for r in by_seed.values()])
             cells.append(cell)
-    best = {pm: choose_lr(by_lr) for pm, by_lr in groups.items()}
+    best = {key: choose_lr(by_lr) for key, by_lr in groups.items()}
     rows = []
-    for (p, m), by_lr in groups.items():
-        lr, lr_seeds = best[(p, m)]
+    for (p, b, m), by_lr in groups.items():
+        lr, lr_seeds = best[(p, b, m)]
         by_seed = by_lr[lr]
         rs = list(by_seed.values())
-        row = {"protocol": p, "method": m, "lr": lr, "lr_grid": sorted((v for v in by_lr if v is not None)),
+        row = {"protocol": p, "budget": b, "method": m, "lr": lr, "lr_grid": sorted((v for v in by_lr if v is not None)),
                "lr_chosen_on_seeds": lr_seeds, "n": len(rs), "seeds": sorted(by_seed)}
         for side in ("target", "select", "source"):
             row[f"{side}_mean"], row[f"{side}_std"] = _mean_std([r[f"{side}_mIoU"] for r in rs])
         row["target_IoU"] = [round(float(v), 2) for v in np.mean([r["target_IoU"] for r in rs], 0)]
         row["vs"] = {}
         for ref in dict.fromkeys([REFERENCE[p], "ce", "lovasz"]):
-            if ref == m or (p, ref) not in groups:
+            if ref == m or (p, b, ref) not in groups:
                 continue
-            ref_rows = groups[(p, ref)][best[(p, ref)][0]]
-            paired = sorted(set(by_seed) & set(ref_rows))
-            if not paired:
+            ref_rows = groups[(p, b, ref)][best[(p, b, ref)][0]]
+            common = sorted(set(by_seed) & set(ref_rows))
+            if not common:
                 continue
-            d = {"ref_lr": best[(p, ref)][0], "seeds": paired}
+            d = {"ref_lr": best[(p, b, ref)][0], "seeds": common}
             for side in ("target", "source"):
-                diffs = [by_seed[s][f"{side}_mIoU"] - ref_rows[s][f"{side}_mIoU"] for s in paired]
-                d[f"{side}_diff_mean"], d[f"{side}_diff_std"] = _mean_std(diffs)
-                d[f"{side}_diffs"] = [round(x, 3) for x in diffs]
+                st = paired([by_seed[s][f"{side}_mIoU"] - ref_rows[s][f"{side}_mIoU"] for s in common])
+                d.update({f"{side}_{k}": v for k, v in st.items()})
             row["vs"][ref] = d
         keys = sorted({k for r in rs for k in r.get("diag", {}) if k != "offsets"})
         row["diag"] = {k: float(np.mean([r["diag"][k] for r in rs if k in r.get("diag", {})])) for k in keys}
         rows.append(row)
-    return {"cells": cells, "rows": rows, "goal": goal(rows)}
+    budgets = sorted({r["budget"] for r in rows if r["protocol"] == "after_ce"}, key=lambda v: -1 if v is None else v)
+    goals = [g for g in (goal(rows, budget=b) for b in budgets) if g]
+    return {"cells": cells, "rows": rows, "goals": goals}
 
 
-def goal(rows: list[dict], protocol: str = "after_ce", over_ce: float = 2.0, over_lovasz: float = 0.5,
-         min_seeds: int = 5) -> dict | None:
-    """Issue 16's criterion: the best reward-optimising pipeline (by mean selection mIoU) beats the
-    best-lr extra CE by >= ``over_ce`` target mIoU (mean of the seed-paired differences, n >=
-    ``min_seeds``, larger than their std) and the best-lr Lovász by >= ``over_lovasz``."""
-    cands = [r for r in rows if r["protocol"] == protocol and reward_pipeline(r["method"])]
+def goal(rows: list[dict], protocol: str = "after_ce", budget: int | None = None, over_ce: float | None = None,
+         over_lovasz: float = 0.5, min_seeds: int = 5, max_half_width: float = 0.5) -> dict | None:
+    """Issue 20's criterion at one label budget: the best reward-optimising pipeline (by mean
+    selection mIoU) beats the best-lr extra CE by >= ``over_ce`` target mIoU (+2.0; +1.0 from 256
+    labels on) and the best-lr Lovász by >= ``over_lovasz``, seed-paired, n >= ``min_seeds``,
+    the 95% interval above 0 and its half-width <= ``max_half_width``."""
+    if over_ce is None:
+        over_ce = 1.0 if budget is not None and budget >= 256 else 2.0
+    cands = [r for r in rows if r["protocol"] == protocol and r["budget"] == budget and reward_pipeline(r["method"])]
     if not cands:
         return None
     best = max(cands, key=lambda r: r["select_mean"])
+
+    def ok(d, margin):
+        return bool(d and len(d["seeds"]) >= min_seeds and d["target_diff_mean"] >= margin and d["target_ci95"]
+                    and d["target_ci95"][0] > 0 and (d["target_ci95"][1] - d["target_ci95"][0]) / 2 <= max_half_width)
+
+    def brief(d):
+        return d and {"mean": d["target_diff_mean"], "std": d["target_diff_std"], "n": len(d["seeds"]),
+                      "ci95": d["target_ci95"], "mde": d["target_mde"]}
     ce, lz = best["vs"].get("ce"), best["vs"].get("lovasz")
-    ok_ce = bool(ce and len(ce["seeds"]) >= min_seeds and ce["target_diff_mean"] >= over_ce
-                 and ce["target_diff_mean"] > ce["target_diff_std"])
-    ok_lz = bool(lz and lz["target_diff_mean"] >= over_lovasz)
-    return {"protocol": protocol, "best": best["method"], "lr": best["lr"],
-            "vs_ce": ce and [ce["target_diff_mean"], ce["target_diff_std"], len(ce["seeds"])],
-            "vs_lovasz": lz and [lz["target_diff_mean"], lz["target_diff_std"], len(lz["seeds"])],
-            "met_vs_ce": ok_ce, "met_vs_lovasz": ok_lz, "met": ok_ce and ok_lz,
-            "criterion": f"Δ vs ce >= {over_ce} (n >= {min_seeds}, mean > std) and Δ vs lovasz >= {over_lovasz}"}
+    ok_ce, ok_lz = ok(ce, over_ce), ok(lz, over_lovasz)
+    return {"protocol": protocol, "budget": budget, "best": best["method"], "lr": best["lr"],
+            "vs_ce": brief(ce), "vs_lovasz": brief(lz), "met_vs_ce": ok_ce, "met_vs_lovasz": ok_lz,
+            "met": ok_ce and ok_lz,
+            "criterion": f"Δ vs ce >= {over_ce:g} and Δ vs lovasz >= {over_lovasz:g}, each seed-paired with n >= "
+                         f"{min_seeds}, 95% interval above 0 and half-width <= {max_half_width:g}"}
 
 
 def _pm(mean: float, std: float, sign: bool = False) -> str:
@@ -506,14 +674,30 @@ def _order(method: str) -> tuple:
     return (known.index(base) if base in known else len(known), base, method.endswith(CAL))
 
 
+TITLES = {"camvid_dusk": "CamVid day -> dusk", "camvid_idd": "CamVid (UK) -> IDD Lite (India)"}
+
+
+def _ci(d: dict, side: str = "target") -> str:
+    """``+1.23 [0.80, 1.66]`` (mean and 95% interval of the paired differences) or ``+1.23 (n=1)``."""
+    ci = d.get(f"{side}_ci95")
+    m = d[f"{side}_diff_mean"]
+    return f"{m:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{m:+.2f} (n={len(d['seeds'])})"
+
+
+def _sections(summ: dict) -> list[tuple[str, object]]:
+    keys = {(r["protocol"], r.get("budget")) for r in summ["rows"]}
+    return sorted(keys, key=lambda k: (PROTOCOLS.index(k[0]), -1 if k[1] is None else k[1]))
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     fr = cfg["frames"]
     summ = result["summary"]
-    optimistic = cfg.get("eval_root") is None
+    optimistic = "optimistic" in fr["target_eval"]
     ran = {r["protocol"] for r in summ["rows"]}
-    scored = "selection split, chosen on it: optimistic" if optimistic else "evaluation set"
-    lines = ["# CamVid day -> dusk: each method at its best lr, with and without calibration", "",
+    scored = "selection split, chosen on it: optimistic" if optimistic else "evaluation split"
+    pair = cfg.get("pair", "camvid_dusk")
+    lines = [f"# {TITLES.get(pair, pair)}: each method at its best lr, with and without calibration", "",
              "Commands: " + "; then ".join(f"`{c}`" for c in cfg["commands"]) + "  ",
              f"Total runtime: {result['runtime_s']:.0f} s ({cfg['threads']} CPU thread(s) per process, device "
              f"{cfg['device']}" + (f"; the sum over {cfg['processes']} processes run side by side, seeds split "
@@ -521,10 +705,14 @@ def markdown(result: dict) -> str:
              f"Seeds: {cfg['seeds']}." + ("" if result["complete"] else " **Partial results (run not finished).**"),
              "", "Frames:", "",
              f"- source training: {fr['source']}",
-             f"- target tuning (training and calibration labels): {fr['target_tune']}",
-             f"- selection (chooses each method's lr): {fr['target_select']}",
-             f"- **target evaluation (scored): {fr['target_eval']}**",
-             f"- source evaluation (scored): {fr['source_eval']}", ""]
+             f"- target tuning (training and calibration labels): {fr['target_tune']}"
+             + (" (per label budget)" if len(cfg.get("budgets", [])) > 1 else ""),
+             f"- selection (chooses each method's lr, nothing else): {fr['target_select']}",
+             f"- **target evaluation (scored, no choice made on it): {fr['target_eval']}**",
+             f"- source evaluation (scored): {fr['source_eval']}"]
+    if "target_unlabelled" in fr and "uda" in ran:
+        lines.append(f"- uda training (no labels): {fr['target_unlabelled']}")
+    lines.append("")
     if optimistic:
         lines += ["**No test split here: the target numbers below are the selection split's, on which each "
                   "method's lr was chosen (optimistic for every row alike; the calibration offsets are fitted on "
@@ -543,37 +731,47 @@ def markdown(result: dict) -> str:
               "offsets fitted on the tune frames (exact mIoU search) folded into its bias: no training.", "",
               "mIoU in percent, mean ± std over seeds. Each method's (and each `+cal` pipeline's) lr is the grid "
               "point with the best mean selection mIoU over the seeds that ran the whole grid. Δ = seed-paired "
-              "difference to `ce` / `lovasz` at *their* chosen lrs, mean ± std over the seeds both have.", ""]
-    g = summ.get("goal")
-    if g:
+              "difference to `ce` / `lovasz` at *their* chosen lrs: mean [95% interval] over the seeds both have "
+              "(Student t); *detectable* = the smallest paired effect this n and spread detect (5% two-sided, 80% "
+              "power). Compare calibrated rows with calibrated rows.", ""]
+    goals = summ.get("goals") or []
+    if goals:
         def fmt(v):
-            return "n/a" if not v else f"{v[0]:+.2f} ± {v[1]:.2f} (n={v[2]})"
-        lines += ["## Goal", "",
-                  f"Criterion (after_ce): {g['criterion']}. Best reward-optimising pipeline by mean selection mIoU: "
-                  f"**{g['best']}** (lr {_lr(g['lr'])}): Δ vs ce {fmt(g['vs_ce'])}, Δ vs lovasz "
-                  f"{fmt(g['vs_lovasz'])} -> **{'met' if g['met'] else 'not met'}** (vs ce: "
-                  f"{'yes' if g['met_vs_ce'] else 'no'}, vs lovasz: {'yes' if g['met_vs_lovasz'] else 'no'}).", ""]
+            if not v:
+                return "n/a"
+            ci = f" [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}], detectable {v['mde']:.2f}" if v["ci95"] else ""
+            return f"{v['mean']:+.2f}{ci} (n={v['n']})"
+        lines += ["## Goal", ""]
+        for g in goals:
+            lines.append(f"- budget {g['budget']}: criterion {g['criterion']}. Best reward-optimising pipeline by "
+                         f"mean selection mIoU: **{g['best']}** (lr {_lr(g['lr'])}): Δ vs ce {fmt(g['vs_ce'])}, Δ vs "
+                         f"lovasz {fmt(g['vs_lovasz'])} -> **{'met' if g['met'] else 'not met'}**.")
+        lines.append("")
     classes = cfg["classes"]
-    for p in PROTOCOLS:
-        rows = sorted((r for r in summ["rows"] if r["protocol"] == p), key=lambda r: -r["target_mean"])
-        if not rows:
-            continue
+    for p, b in _sections(summ):
+        rows = sorted((r for r in summ["rows"] if r["protocol"] == p and r.get("budget") == b),
+                      key=lambda r: -r["target_mean"])
+        cells = [c for c in summ["cells"] if c["protocol"] == p and c.get("budget") == b]
         refs = [x for x in dict.fromkeys([REFERENCE[p], "ce", "lovasz"]) if any(r["method"] == x for r in rows)]
-        lines += [f"## {p}", "", f"Target mIoU = {scored}.", "",
-                  "| method | lr | n | target mIoU | " + " | ".join(f"Δ target vs {x}" for x in refs)
-                  + " | source mIoU |", "| --- " * (4 + len(refs) + 1) + "|"]
+        lines += [f"## {p}" + (f", {b} labelled target frames" if b is not None else ""), "",
+                  f"Target mIoU = {scored}.", "",
+                  "| method | lr | n | target mIoU | " + " | ".join(f"Δ vs {x} [95%] | detectable" for x in refs)
+                  + " | selection mIoU | source mIoU |", "| --- " * (6 + 2 * len(refs)) + "|"]
         for r in rows:
             name = f"**{r['method']}**" if r["method"] in refs else r["method"]
-            ds = [(_pm(r["vs"][x]["target_diff_mean"], r["vs"][x]["target_diff_std"], True) if x in r["vs"] else "")
-                  for x in refs]
+            ds = []
+            for x in refs:
+                d = r["vs"].get(x)
+                ds += [_ci(d), f"{d['target_mde']:.2f}" if d and d.get("target_mde") else ""] if d else ["", ""]
             lines.append(f"| {name} | {_lr(r['lr'])} | {r['n']} | {_pm(r['target_mean'], r['target_std'])} | "
-                         + " | ".join(ds) + f" | {_pm(r['source_mean'], r['source_std'])} |")
-        grid = sorted({c["lr"] for c in summ["cells"] if c["protocol"] == p and c["lr"] is not None})
+                         + " | ".join(ds) + f" | {_pm(r['select_mean'], r['select_std'])} | "
+                         f"{_pm(r['source_mean'], r['source_std'])} |")
+        grid = sorted({c["lr"] for c in cells if c["lr"] is not None})
         if len(grid) > 1:
             lines += ["", "lr curves: selection mIoU, mean ± std (n) over the seeds of each lr; chosen lr in bold:", "",
                       "| method | " + " | ".join(f"{v:g}" for v in grid) + " |", "| --- " * (len(grid) + 1) + "|"]
             for r in sorted((r for r in rows if r["lr"] is not None), key=lambda r: _order(r["method"])):
-                by = {c["lr"]: c for c in summ["cells"] if c["protocol"] == p and c["method"] == r["method"]}
+                by = {c["lr"]: c for c in cells if c["method"] == r["method"]}
                 vals = []
                 for v in grid:
                     c = by.get(v)
@@ -605,19 +803,21 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cells = result["summary"]["cells"]
-    rows = {(r["protocol"], r["method"]): r for r in result["summary"]["rows"]}
-    panels = [p for p in PROTOCOLS if len({c["lr"] for c in cells if c["protocol"] == p and c["lr"]}) > 1]
+    summ = result["summary"]
+    pair = result["config"].get("pair", "camvid_dusk")
+    panels = [(p, b) for p, b in _sections(summ)
+              if len({c["lr"] for c in summ["cells"] if (c["protocol"], c.get("budget")) == (p, b) and c["lr"]}) > 1]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, p in zip(axes[0], panels):
-        bases = sorted({c["method"].removesuffix(CAL) for c in cells if c["protocol"] == p and c["lr"] is not None},
-                       key=_order)
+    for ax, (p, b) in zip(axes[0], panels):
+        cells = [c for c in summ["cells"] if (c["protocol"], c.get("budget")) == (p, b)]
+        rows = {(p, r["method"]): r for r in summ["rows"] if (r["protocol"], r.get("budget")) == (p, b)}
+        bases = sorted({c["method"].removesuffix(CAL) for c in cells if c["lr"] is not None}, key=_order)
         for i, base in enumerate(bases):
             colour = f"C{i % 10}"
             for m, style in ((base, "-"), (base + CAL, "--")):
-                cs = sorted((c for c in cells if c["protocol"] == p and c["method"] == m and c["lr"] is not None),
+                cs = sorted((c for c in cells if c["method"] == m and c["lr"] is not None),
                             key=lambda c: c["lr"])
                 if not cs:
                     continue
@@ -634,7 +834,8 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (Adam, constant)")
         ax.set_ylabel("selection mIoU (%), mean ± std over seeds")
-        ax.set_title(f"CamVid day->dusk, {p}: * = chosen lr (bars: spread over seeds, not paired)", fontsize=10)
+        ax.set_title(f"{TITLES.get(pair, pair)}, {p}" + (f", N={b}" if b is not None else "")
+                     + ": * = chosen lr\n(bars: spread over seeds, not paired)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -645,12 +846,7 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
 
 def _write(out: str | Path, result: dict, plot: str | None = None) -> None:
     """The JSON and the markdown table (atomically); the lr curves when ``plot`` is given."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out.with_suffix(suffix))  # an interrupted write never leaves half a file
+    write_result(out, result, markdown(result))
     if plot:
         plot_lr_curves(result, plot)
 
@@ -658,11 +854,14 @@ def _write(out: str | Path, result: dict, plot: str | None = None) -> None:
 def save(args, runs, data, t_start, weights, partial: bool) -> dict:
     skip = ("out", "prev_runtime_s", "prev_commands", "work", "argv")
     cfg = {k: v for k, v in vars(args).items() if k not in skip}
-    cfg["command"] = "python benchmarks/camvid_da.py " + " ".join(args.argv)
+    cfg["command"] = "python benchmarks/da.py " + " ".join(args.argv)
     cfg["commands"] = list(getattr(args, "prev_commands", [])) + [cfg["command"]]
     cfg["classes"] = data["classes"]
     cfg["reward_class_weights"] = weights
     cfg["frames"] = data["frames"]
+    cfg["budgets"] = [data["budget"]]
+    cfg["split"] = data["split"]
+    cfg["machine"] = machine_info()
     result = {"runs": runs, "summary": summarize(runs), "config": cfg,
               "runtime_s": round(time.perf_counter() - t_start + getattr(args, "prev_runtime_s", 0.0), 1),
               "complete": not partial}
@@ -671,23 +870,31 @@ def save(args, runs, data, t_start, weights, partial: bool) -> dict:
 
 
 def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
-    """Combine result files of runs that differ only in their seeds, methods or lr grids (e.g.
-    seeds split over parallel processes) into one result: runs pooled, commands listed, runtimes
-    added up."""
+    """Combine result files of one pair that differ only in their seeds, label budgets, methods or
+    lr grids (e.g. seeds split over parallel processes) into one result: runs pooled, commands
+    listed, runtimes added up."""
     results = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
-              "source_lrs", "uda_lrs", "lrs_from", "plot", "order"}
-    base = {k: v for k, v in results[0]["config"].items() if k not in ignore}
+              "source_lrs", "uda_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",
+              "processes", "frames", "reward_class_weights", "num_classes"}
+
+    def settings(cfg):  # the tune frames vary with the budget; the selection and evaluation roles may not
+        out = {k: v for k, v in cfg.items() if k not in ignore}
+        if isinstance(out.get("split"), dict):
+            out["split"] = {k: v for k, v in out["split"].items() if k != "tune"}
+        return out
+    base = settings(results[0]["config"])
     runs: dict[tuple, dict] = {}
     for path, res in zip(paths, results):
-        other = {k: v for k, v in res["config"].items() if k not in ignore}
+        other = settings(res["config"])
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
-            raise SystemExit(f"{path}: settings differ from {paths[0]} in {diff}; only seeds, methods and lr grids "
-                             "may differ")
+            raise SystemExit(f"{path}: settings differ from {paths[0]} in {diff}; only seeds, budgets, methods and "
+                             "lr grids may differ")
         for r in res["runs"]:
-            runs.setdefault((r["protocol"], r["method"], r["seed"], r.get("lr")), r)
+            runs.setdefault(run_key(r), r)
     cfg = dict(results[0]["config"])
+    cfg["budgets"] = sorted({b for res in results for b in res["config"].get("budgets", [None]) if b is not None})
     cfg["seeds"] = sorted({r["seed"] for r in runs.values()})
     cfg["lrs"] = sorted({float(v) for res in results for v in res["config"]["lrs"]})
     cfg["commands"] = [c for res in results for c in res["config"]["commands"]]
@@ -701,9 +908,17 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pair", default="camvid_dusk", choices=PAIRS, help="the domain pair (see the module doc)")
     p.add_argument("--root", default="../shared/data/camvid", help="CamVid folder (train/, trainannot/, val/, ...)")
-    p.add_argument("--eval-root", default=None, help="score on this CamVid-layout folder instead (tuning unchanged)")
-    p.add_argument("--eval-split", default="test", help="split of --eval-root to score")
+    p.add_argument("--idd-root", default="../shared/data/idd_lite", help="IDD Lite folder (camvid_idd)")
+    p.add_argument("--budget", type=int, default=64, help="camvid_idd: labelled target frames (e.g. 16, 64, 256)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="camvid_idd: seed of the one split of IDD Lite's sequences into roles (not the run seed)")
+    p.add_argument("--eval-frames", type=int, default=700, help="camvid_idd: at least this many evaluation frames")
+    p.add_argument("--select-frames", type=int, default=300, help="camvid_idd: at least this many selection frames")
+    p.add_argument("--eval-root", default=None,
+                   help="score the target on this folder of the target's layout instead (tuning unchanged)")
+    p.add_argument("--eval-split", default="test", help="split of --eval-root (camvid_dusk: of --root) to score")
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"subset of methods (default: {' '.join(LABELLED)}; uda: {' '.join(UDA)}); "
@@ -726,6 +941,8 @@ def parse(argv=None):
                    help="per seed: all methods at one lr, then the next lr (lr), or each method's whole grid in turn")
     p.add_argument("--lrs-from", default=None, metavar="RESULT",
                    help="run each method only at the lrs chosen in this result file (its own and its +cal pipeline's)")
+    p.add_argument("--lrs-budget", type=int, default=None,
+                   help="with --lrs-from: take the lrs chosen at this label budget (e.g. chosen at 64, reused at 16)")
     p.add_argument("--steps", "--extra-steps", dest="extra_steps", type=int, default=200,
                    help="after_ce budget of every method (steps)")
     p.add_argument("--source-steps", type=int, default=200)
@@ -744,7 +961,7 @@ def parse(argv=None):
                                                 "at the end); a kept folder lets --append reuse the pretrain/fine-tune")
     p.add_argument("--keep-weights", action="store_true", help="keep every method run's weights and checkpoint")
     p.add_argument("--append", action="store_true", help="add runs to the existing --out JSON, skipping those there")
-    p.add_argument("--out", default="results/camvid_da", help="output path without suffix (.json and .md)")
+    p.add_argument("--out", default="results/da", help="output path without suffix (.json and .md)")
     p.add_argument("--plot", default=None, help="save the lr curves here (PNG): at the end of a run, or by --merge")
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULT",
                    help="only combine these result files (runs that differ in seeds, methods or lr grids) into "

@@ -1,16 +1,17 @@
-"""benchmarks/camvid_da.py end to end on a tiny generated CamVid-layout folder: every stage and
+"""benchmarks/da.py (pair camvid_dusk) end to end on a tiny generated CamVid-layout folder: every stage and
 method runs through the trainer, --eval-root scores a test split, and the outputs carry the
 seed-paired differences, per-class IoU, diagnostics and which frames were scored."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "camvid_da.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "da.py"
 H, W = 32, 48
 FIXTURE = {
     "train": ["0001TP_%06d" % f for f in range(6690, 6690 + 9 * 30, 30)]
@@ -36,7 +37,7 @@ def make_camvid(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("camvid_da", BENCH)
+    spec = importlib.util.spec_from_file_location("da", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -108,8 +109,12 @@ def test_lr_choice_uses_the_mean_over_seeds_that_ran_the_grid(bench):
     d = rows["ce+cal"]["vs"]["ce"]
     assert d["ref_lr"] == 3e-4 and d["target_diffs"] == [9, 6] and d["target_diff_mean"] == pytest.approx(7.5)
     assert rows["ce"]["vs"]["lovasz"]["target_diffs"] == [-1, -2]
-    g = summ["goal"]
-    assert g["best"] == "ce+cal" and g["met_vs_lovasz"] and not g["met_vs_ce"]  # n=2 < 5
+    (g,) = summ["goals"]
+    assert g["best"] == "ce+cal" and not g["met_vs_lovasz"] and not g["met_vs_ce"]  # n=2 < 5
+    # 95% interval of the paired differences [9, 6]: mean 7.5, sd 2.1213, t(0.975, 1) = 12.706
+    assert d["target_ci95"] == pytest.approx([7.5 - 12.7062 * 1.5, 7.5 + 12.7062 * 1.5], abs=1e-3)
+    # detectable effect: (t_0.975 + t_0.8) * sd / sqrt(n), t(0.8, 1) = 1.3764
+    assert d["target_mde"] == pytest.approx((12.7062 + 1.3764) * 1.5, abs=1e-3)
 
 
 def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
@@ -163,7 +168,7 @@ def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
     assert "part_ce" not in rows[("after_ce", "lovasz")]["diag"]
     assert 0 < rows[("uda", "local_pseudo_batch")]["diag"]["pseudo_fraction"] <= 1
     assert all(len(r["target_IoU"]) == 11 for r in saved["runs"])
-    assert saved["summary"]["goal"]["protocol"] == "after_ce" and not saved["summary"]["goal"]["met"]  # n = 2
+    assert [(g["protocol"], g["met"]) for g in saved["summary"]["goals"]] == [("after_ce", False)]  # n = 2
     # the scored frames: the test split's dusk frames, the day frames beside them
     fr = saved["config"]["frames"]
     assert fr["target_eval"].startswith("3 frames of dusk 0001TP of")
@@ -172,16 +177,17 @@ def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
     assert (tmp_path / "lr.png").stat().st_size > 0
 
     md = out.with_suffix(".md").read_text()
-    assert "target evaluation (scored): 3 frames of dusk 0001TP of" in md and "/test` (--eval-root)" in md
+    assert "target evaluation (scored, no choice made on it): 3 frames of dusk 0001TP of" in md and "/test` (--eval-root)" in md
     assert "optimistic" not in md
     assert "source evaluation (scored): 2 frames of 0016E5 of" in md
-    assert "| Δ target vs ce | Δ target vs lovasz |" in md and "| Δ target vs self_training |" in md
+    assert "| Δ vs ce [95%] | detectable | Δ vs lovasz [95%] | detectable |" in md
+    assert "| Δ vs self_training [95%] | detectable |" in md
     assert "lr curves" in md and "Per-class target IoU" in md and "| lovasz+cal | " in md and "Diagnostics" in md
     assert "## Goal" in md
     # method runs went through the trainer: run logs kept, weights dropped; shared stages kept
-    assert (tmp_path / "work" / "seed0" / "after_ce" / "local_batch" / "lr0.001" / "vis_data" / "scalars.json").exists()
-    assert not (tmp_path / "work" / "seed0" / "after_ce" / "local_batch" / "lr0.001" / "model.safetensors").exists()
-    assert (tmp_path / "work" / "seed1" / "finetune" / "model.safetensors").exists()
+    assert (tmp_path / "work" / "seed0" / "N6" / "after_ce" / "local_batch" / "lr0.001" / "vis_data" / "scalars.json").exists()
+    assert not (tmp_path / "work" / "seed0" / "N6" / "after_ce" / "local_batch" / "lr0.001" / "model.safetensors").exists()
+    assert (tmp_path / "work" / "seed1" / "N6" / "finetune" / "model.safetensors").exists()
 
     # --append with the same --work reuses the shared stages and skips the recorded runs
     args2 = bench.parse(args.argv + ["--append", "--seeds", "1", "2", "--protocols", "after_ce", "--methods", "ce"])
@@ -213,6 +219,8 @@ def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
 
 def test_benchmark_without_a_test_split_scores_the_selection_split(bench, tmp_path):
     make_camvid(tmp_path / "camvid")
+    for folder in ("test", "testannot"):  # a copy without the official test split
+        shutil.rmtree(tmp_path / "camvid" / folder)
     out = tmp_path / "res" / "sel"
     bench.run(bench.parse(["--root", str(tmp_path / "camvid"), "--seeds", "0", "--size", str(H), str(W),
                            "--width", "8", "--batch", "2", "--pretrain-steps", "2", "--finetune-steps", "1",

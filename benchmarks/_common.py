@@ -1,0 +1,49 @@
+"""What every benchmark writes the same way: machine facts, markdown tables, and a result's JSON
+(+ markdown) written atomically, so an interrupted write never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def machine_info() -> dict:
+    """Facts a timing or a score depends on: versions, processor, threads, load."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+    if hasattr(os, "getloadavg"):
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """A markdown table as lines."""
+    out = ["| " + " | ".join(str(h) for h in header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_result(out: str | Path, result: dict, markdown: str | None = None) -> Path:
+    """``out`` with suffix ``.json`` (and ``.md`` when ``markdown`` is given), each atomically.
+    Returns the JSON path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    _atomic_text(path, json.dumps(result, indent=1))
+    if markdown is not None:
+        _atomic_text(out.with_suffix(".md"), markdown)
+    return path
