@@ -230,10 +230,7 @@ def load_camvid_idd(args) -> tuple[dict, dict, dict]:
     kw = dict(size=tuple(args.size), cache=False)
     croot, iroot = Path(args.root), Path(args.idd_root)
     splits = "+".join(s for s in ("train", "val", "test") if (croot / s).is_dir() and (croot / f"{s}annot").is_dir())
-    seqs = idd_sequences(iroot, "train")
-    parts = split_sequences(seqs, {"evaluation": args.eval_frames, "selection": args.select_frames, "pool": -1},
-                            seed=args.split_seed)
-    pool = round_robin({s: sorted(n for n in _idd_names(iroot, s)) for s in parts["pool"]})
+    parts, pool = idd_roles(args)
     if args.budget > len(pool):
         raise SystemExit(f"--budget {args.budget}: the tune pool has only {len(pool)} frames "
                          f"({len(parts['pool'])} sequences)")
@@ -241,7 +238,7 @@ def load_camvid_idd(args) -> tuple[dict, dict, dict]:
     sets = {"source": CamVidDataset(croot, splits, label_map="camvid_to_idd", **kw),
             "source_eval": CamVidDataset(croot, "val" if (croot / "val").is_dir() else splits.split("+")[0],
                                          label_map="camvid_to_idd", **kw),
-            "target_tune": _idd_subset(iroot, tune, kw),
+            "target_tune": IDDLiteDataset(iroot, "train", names=tune, **kw),
             "target_select": IDDLiteDataset(iroot, "train", sequences=parts["selection"], **kw)}
     n_seq = len({idd_sequence(n) for n in tune})
     frames = {"source": f"every CamVid frame of `{croot}` ({splits}, day and dusk), 11 classes mapped to IDD Lite's 7",
@@ -263,7 +260,7 @@ def load_camvid_idd(args) -> tuple[dict, dict, dict]:
         sets["unlabelled_extra"] = extra
 
     def derive(data, frames):  # uda: the whole tune pool without labels, plus IDD Lite's unlabelled test frames
-        pool_set = unlabelled(InMemoryDataset.decode(_idd_subset(iroot, pool, kw)))
+        pool_set = unlabelled(InMemoryDataset.decode(IDDLiteDataset(iroot, "train", names=pool, **kw)))
         parts_u = [pool_set] + ([data.pop("unlabelled_extra")] if extra is not None else [])
         frames.pop("unlabelled_extra", None)
         frames["target_unlabelled"] = (f"IDD Lite tune pool ({len(pool)} frames, labels dropped)"
@@ -273,16 +270,33 @@ def load_camvid_idd(args) -> tuple[dict, dict, dict]:
     return sets, frames, {"derive": derive, "split": {k: v for k, v in parts.items()} | {"tune": tune}}
 
 
-def _idd_names(root: Path, seq: str) -> list[str]:
-    return [f"{seq}/{p.name[:-len('_image.jpg')]}" for p in (root / "leftImg8bit" / "train" / seq).glob("*_image.jpg")]
+def idd_roles(args) -> tuple[dict[str, list[str]], list[str]]:
+    """IDD Lite ``train`` sequences split into ``evaluation`` / ``selection`` / ``pool`` (by
+    ``--split-seed``), and the pool's frames in budget order (round-robin over its sequences)."""
+    iroot = Path(args.idd_root)
+    seqs = idd_sequences(iroot, "train")
+    parts = split_sequences(seqs, {"evaluation": args.eval_frames, "selection": args.select_frames, "pool": -1},
+                            seed=args.split_seed)
+    frames = {s: sorted(n[:-len("_image.jpg")] for n in (p.name for p in (iroot / "leftImg8bit" / "train" / s)
+                                                          .glob("*_image.jpg"))) for s in parts["pool"]}
+    pool = round_robin({s: [f"{s}/{n}" for n in v] for s, v in frames.items()})
+    return parts, pool
 
 
-def _idd_subset(root: Path, names: list[str], kw: dict) -> IDDLiteDataset:
-    """The IDD Lite train frames ``names`` (``<seq>/<id>``), in that order."""
-    ds = IDDLiteDataset(root, "train", sequences=sorted({idd_sequence(n) for n in names}), **kw)
-    by_name = {n: smp for n, smp in zip(ds.names, ds.samples)}
-    ds.samples = [by_name[n] for n in names]
-    return ds
+def write_split(args, folder: str | Path) -> None:
+    """The frame lists of the camvid_idd roles as text files (one ``<seq>/<id>`` a line), for
+    configs (``{type: idd_lite, names: FILE}``): evaluation, selection, pool, tune<N> per budget."""
+    parts, pool = idd_roles(args)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    iroot = Path(args.idd_root)
+    lists = {k: IDDLiteDataset(iroot, "train", sequences=parts[k], verify=False).names
+             for k in ("evaluation", "selection")}
+    lists["pool"] = pool
+    lists.update({f"tune{n}": pool[:n] for n in (16, 64, 256) if n <= len(pool)})
+    for name, names in lists.items():
+        (folder / f"{name}.txt").write_text("\n".join(names) + "\n")
+    print(f"wrote {', '.join(f'{k} ({len(v)})' for k, v in lists.items())} to {folder}")
 
 
 def round_robin(by_seq: dict[str, list[str]]) -> list[str]:
@@ -914,6 +928,8 @@ def parse(argv=None):
     p.add_argument("--budget", type=int, default=64, help="camvid_idd: labelled target frames (e.g. 16, 64, 256)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="camvid_idd: seed of the one split of IDD Lite's sequences into roles (not the run seed)")
+    p.add_argument("--write-split", default=None, metavar="DIR",
+                   help="camvid_idd: write the frame lists of the roles to DIR (one name a line) and exit")
     p.add_argument("--eval-frames", type=int, default=700, help="camvid_idd: at least this many evaluation frames")
     p.add_argument("--select-frames", type=int, default=300, help="camvid_idd: at least this many selection frames")
     p.add_argument("--eval-root", default=None,
@@ -981,5 +997,7 @@ if __name__ == "__main__":
     _args = parse()
     if _args.merge:
         merge(_args.merge, _args.out, _args.plot)
+    elif _args.write_split:
+        write_split(_args, _args.write_split)
     else:
         run(_args)

@@ -232,3 +232,26 @@ def test_benchmark_without_a_test_split_scores_the_selection_split(bench, tmp_pa
     assert "optimistic" in saved["config"]["frames"]["target_eval"]
     md = out.with_suffix(".md").read_text()
     assert "chosen on it: optimistic" in md and "No test split here" in md
+
+
+def test_same_command_same_seed_same_numbers(tmp_path):
+    """Two processes running the same command (seed, threads) record identical scores, in every
+    protocol: stages, batches, flips, sampling (local estimator) and evaluation are all seeded."""
+    import subprocess
+    import sys
+    make_camvid(tmp_path / "camvid")
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        subprocess.run([sys.executable, str(BENCH), "--root", str(tmp_path / "camvid"), "--seeds", "3",
+                        "--size", str(H), str(W), "--width", "8", "--batch", "2", "--pretrain-steps", "4",
+                        "--finetune-steps", "3", "--steps", "3", "--source-steps", "2", "--uda-steps", "2",
+                        "--lrs", "1e-3", "--threshold", "0.1", "--source-eval-every", "1", "--threads", "1",
+                        "--methods", "ce", "local_batch_ce", "lovasz", "local_pseudo_batch", "--out", str(out)],
+                       check=True, capture_output=True)
+        runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+        outs.append({(r["protocol"], r["method"], r["lr"]): {k: v for k, v in r.items() if k != "time_s"}
+                     for r in runs})
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 22
+    for key in outs[0]:
+        assert outs[0][key] == outs[1][key], key

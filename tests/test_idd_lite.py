@@ -133,3 +133,36 @@ def _check_mmseg_datasets(tmp_path):
     assert tuple(src.metainfo["classes"]) == tuple(ds.metainfo["classes"])
     # the CamVid dataset itself is unchanged (png suffixes, 11 classes)
     assert len(DATASETS.get("CamVidDataset").METAINFO["classes"]) == 11
+
+
+def test_idd_lite_names_from_a_list_or_file(tmp_path):
+    make_idd(tmp_path)
+    listed = tmp_path / "tune.txt"
+    listed.write_text("10/010002\n0/000001\n")
+    ds = build_dataset("idd_lite", tmp_path, "train", names=str(listed))
+    assert ds.names == ["10/010002", "0/000001"]  # the file's order
+    assert IDDLiteDataset(tmp_path, "train", names=["1/001000"]).names == ["1/001000"]
+    with pytest.raises(SegrewardError, match=r"tune2.txt: 1 name\(s\) not among .*9/000001"):
+        (tmp_path / "tune2.txt").write_text("0/000000\n9/000001\n")
+        IDDLiteDataset(tmp_path, "train", names=tmp_path / "tune2.txt")
+
+
+def test_recipe_configs_name_existing_split_lists():
+    from pathlib import Path
+
+    from segreward.engine import load_config
+    root = Path(__file__).resolve().parents[1]
+    for name in ("idd_1_source", "idd_2_ce_finetune"):
+        cfg = load_config(root / "configs" / f"{name}.yaml")
+        specs = [cfg.data.train] + list(cfg.data.val.values())
+        for spec in specs:
+            names = spec.get("names") if isinstance(spec, dict) else None
+            if names:
+                lines = (root / names).read_text().split()
+                assert lines and all("/" in n for n in lines)
+    tune = (root / "configs/data/idd_lite_split0/tune64.txt").read_text().split()
+    sel = set((root / "configs/data/idd_lite_split0/selection.txt").read_text().split())
+    ev = set((root / "configs/data/idd_lite_split0/evaluation.txt").read_text().split())
+    seqs = lambda ns: {n.split("/")[0] for n in ns}  # noqa: E731
+    assert len(tune) == 64 and not (seqs(tune) & seqs(sel)) and not (seqs(tune) & seqs(ev)) and not (seqs(sel) & seqs(ev))
+    assert len(ev) >= 700 and len(sel) >= 300

@@ -241,11 +241,14 @@ class IDDLiteDataset(SegmentationDataset):
     frame; :func:`split_sequences` makes such splits). A split without a ``gtFine/<split>`` folder
     (IDD Lite's ``test``) loads unlabelled: every label pixel is the ignore index, e.g. as the
     unlabelled target of pseudo-label adaptation; ``labelled=False`` does so for any split.
+    ``names`` keeps just these samples, in this order: a list of ``<seq>/<id>`` or the path of a
+    text file with one per line (e.g. the tune / selection / evaluation lists the DA benchmark
+    writes).
     """
 
     def __init__(self, root: str | Path, split: str = "train", *, sequences: Sequence[str] | str | None = None,
                  exclude_sequences: Sequence[str] | str = (), labelled: bool | None = None,
-                 meta: str | DatasetMeta = "idd_lite", **kwargs):
+                 names: Sequence[str] | str | Path | None = None, meta: str | DatasetMeta = "idd_lite", **kwargs):
         root = _root(root)
         imgs, anns = root / "leftImg8bit" / split, root / "gtFine" / split
         if labelled is None:
@@ -267,6 +270,15 @@ class IDDLiteDataset(SegmentationDataset):
             raise SegrewardError(f"IDD Lite {imgs}: no sequence folder(s) {_listing(unknown)}; "
                                  f"{len(available)} there ({_listing(sorted(available, key=_seq_key))})")
         pairs = [p for p in pairs if (not keep or idd_sequence(p[0]) in keep) and idd_sequence(p[0]) not in drop]
+        if names is not None:
+            wanted = read_names(names) if isinstance(names, (str, Path)) else [str(n) for n in names]
+            by_name = {p[0]: p for p in pairs}
+            missing = [n for n in wanted if n not in by_name]
+            if missing:
+                where = f"{names}: " if isinstance(names, (str, Path)) else ""
+                raise SegrewardError(f"{where}{len(missing)} name(s) not among the selected IDD Lite frames of {imgs}: "
+                                     f"{_listing(missing)} (names are <sequence folder>/<id>, e.g. 0/024541)")
+            pairs = [by_name[n] for n in wanted]
         if not pairs:
             raise SegrewardError(f"IDD Lite {imgs}: the selection keeps no frame")
         self.root, self.split, self.labelled = root, split, bool(labelled)
