@@ -9,6 +9,7 @@ Unknown keys are errors that list the valid ones; values are checked for type an
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +42,6 @@ _DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 
 def _check_device_name(value: str) -> None:
-    import re
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise SegrewardError(f"train.device = {value!r} is not a device; use one of: {_DEVICE_HELP}")
 
@@ -314,7 +314,7 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise SegrewardError(f"override {item!r} must look like section.key=value (e.g. loss.k=8)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        _set_dotted(tree, key.strip(), yaml_value(raw) if raw != "" else None)
     return tree
 
 
@@ -329,8 +329,34 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return _build(Config, _merge(data or {}, parse_overrides(overrides)))
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where a
+    float needs a dot, so ``1e-4`` and ``3e-3`` would be strings. Used for config files and for
+    ``key=value`` overrides alike."""
+
+
+# PyYAML keeps one list of implicit resolvers per first character; replace the float one with
+# YAML 1.2's (the 1.1 forms with a dot, plus 1e-4 / 3E+2 without one).
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_value(text: str):
+    """One YAML scalar or flow value as a config reads it (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+class _StrictLoader(_Loader):
+    """The config loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
 
 
 def _no_duplicates(loader: _StrictLoader, node, deep: bool = False):
