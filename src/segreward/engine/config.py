@@ -314,7 +314,12 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise SegrewardError(f"override {item!r} must look like section.key=value (e.g. loss.k=8)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml_value(raw) if raw != "" else None)
+        try:
+            value = yaml_value(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise SegrewardError(f"override {item!r}: the value is not valid YAML "
+                                 f"({' '.join(str(e).split())}); quote it or close its brackets") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
