@@ -429,7 +429,7 @@ def _(base, tmp):
     return ["train", base / "tiny.yaml", "--resume"]
 
 
-@cli_case("ckpt", "resume-corrupt-checkpoint", "last.pt", "cannot read")
+@cli_case("ckpt", "resume-corrupt-checkpoint", "last.pt", "not a checkpoint")
 def _(base, tmp):
     (tmp / "w" / "checkpoints").mkdir(parents=True)
     (tmp / "w" / "checkpoints" / "last.pt").write_bytes(b"\x00" * 64)

@@ -41,9 +41,9 @@ def _unit(what: str, value) -> None:
 _DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 
-def _check_device_name(value: str) -> None:
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise SegrewardError(f"train.device = {value!r} is not a device; use one of: {_DEVICE_HELP}")
+def check_device_name(value, what: str = "train.device") -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise SegrewardError(f"{what} = {value!r} is not a device; use one of: {_DEVICE_HELP}")
 
 
 @dataclass
@@ -161,7 +161,7 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.num_workers", self.num_workers, allow_zero=True)
         _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
-        _check_device_name(self.device)
+        check_device_name(self.device)
         if self.crop is not None:
             ok = (len(self.crop) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                               for v in self.crop))

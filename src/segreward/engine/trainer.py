@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segreward.engine import distributed as D
+from segreward.engine.distributed import check_device
 from segreward.engine.builders import (autocast, build_data, build_loss, build_optimizer, build_scheduler, dataset_info,
                                        resize_logits)
 from segreward.engine.calibration import model_batches
@@ -150,19 +151,6 @@ def train(cfg: Config, resume: bool = False, datasets: dict | None = None, overw
         return _train(cfg, resume, info, datasets, overwrite)
     finally:
         D.teardown()
-
-
-def check_device(name: str) -> None:
-    """Refuse a device this machine does not have, naming the ones it has."""
-    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        have.append("mps")
-    if name == "auto" or name == "cpu" or name in have or (name == "cuda" and len(have) > 1 and "cuda:0" in have):
-        return
-    raise SegrewardError(f"train.device = {name!r} is not available on this machine"
-                         f"{' (this torch build has no CUDA)' if name.startswith('cuda') and not torch.backends.cuda.is_built() else ''}; "
-                         f"available: auto, {', '.join(have)}")
 
 
 def _build_datasets(cfg: Config, given: dict | None) -> tuple[Dataset, dict]:
