@@ -178,7 +178,7 @@ def _(base, tmp):
     return ["train", base / "tiny.yaml", "--overwrite", f"model.checkpoint={tmp / 'missing.safetensors'}"]
 
 
-@cli_case("loss", "resume-other-model-on-existing", "keys")
+@cli_case("loss", "resume-other-model-on-existing", "changed config", "model.options.width: 4 -> 8")
 def _(base, tmp):
     return ["train", base / "tiny.yaml", "--resume", "train.iters=4", "model.options.width=8"]
 
@@ -412,7 +412,7 @@ def _(base, tmp):
     return _train(base, tmp, f"model.checkpoint={tmp / 'junk.pt'}")
 
 
-@cli_case("ckpt", "resume-other-width", "last.pt", "keys with other shapes")
+@cli_case("ckpt", "resume-other-width", "last.pt", "model.options.width: 4 -> 8")
 def _(base, tmp):
     shutil.copytree(base / "run", tmp / "w")
     return _train(base, tmp, "--resume", "train.iters=4", "model.options.width=8")
@@ -436,7 +436,7 @@ def _(base, tmp):
     return _train(base, tmp, "--resume")
 
 
-@cli_case("ckpt", "resume-narrower-model", "last.pt", "keys with other shapes")
+@cli_case("ckpt", "resume-narrower-model", "last.pt", "model.options.width: 4 -> 6")
 def _(base, tmp):
     shutil.copytree(base / "run", tmp / "w")
     return _train(base, tmp, "--resume", "train.iters=4", "model.options.width=6")

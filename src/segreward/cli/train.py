@@ -26,7 +26,7 @@ def run(args) -> int:
 
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
     cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, inputs=[args.config])
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     for name, scores in result["val"].items():

@@ -27,8 +27,8 @@ def _choice(what: str, value, allowed) -> None:
 
 
 def _positive(what: str, value, allow_zero: bool = False) -> None:
-    if value != value or value < 0 or (value == 0 and not allow_zero):  # value != value: NaN
-        raise SegrewardError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if value != value or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):  # != : NaN
+        raise SegrewardError(f"{what} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def _unit(what: str, value) -> None:
@@ -246,6 +246,9 @@ class Config:
 
     def __post_init__(self):
         _choice("stage", self.stage, ("pretrain", "tune"))
+        if not self.name.strip() or self.name in (".", "..") or re.search(r"[/\\\x00]", self.name):
+            raise SegrewardError(f"name = {self.name!r} must be a plain folder name (no '/', not '..'): the run goes "
+                                 "to runs/<name>; set work_dir to put it somewhere else")
         if self.work_dir is None:
             self.work_dir = str(Path("runs") / self.name)
 
@@ -324,9 +327,10 @@ def parse_overrides(overrides: list[str] | None) -> dict:
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, section by section; an empty mapping (``data.val={}``) replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
