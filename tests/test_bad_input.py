@@ -112,6 +112,11 @@ def _train(base, tmp, *extra, cfg_extra=None, work=None):
 
 @pytest.mark.parametrize("c", CASES)
 def test_bad_input(c: Case, base, tmp_path, capsys):
+    run_case(c, base, tmp_path, capsys)
+
+
+def run_case(c: Case, base, tmp_path, capsys) -> str:
+    """Make the case, run it, check the one-line message, its needles and that nothing changed."""
     made = c.make(base, tmp_path)
     before = _tree_digest(base, tmp_path)
     capsys.readouterr()
@@ -139,6 +144,7 @@ def test_bad_input(c: Case, base, tmp_path, capsys):
     after = _tree_digest(base, tmp_path)
     changed = [k for k in before if after.get(k) != before[k]]
     assert not changed, f"changed or removed: {changed}"
+    return message
 
 
 # ------------------------------------------------------------------ data loss: runs and inputs

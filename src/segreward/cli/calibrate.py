@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                            out=args.out, overwrite=args.overwrite, reward=args.reward,
                            class_weights=args.class_weights, mode=args.mode, kfold=args.kfold, bound=args.bound,
                            max_sweeps=args.max_sweeps, batch_size=args.batch_size, device=args.device,
-                           progress=args.progress, classes=args.classes)
+                           progress=args.progress, folder_classes=args.classes)
     print(result["report"])
     print(f"offsets: {result['offsets']}")
     print(f"calibrated weights: {result['weights']}")

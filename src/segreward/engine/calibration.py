@@ -217,7 +217,7 @@ def _check_out_dir(out: Path, overwrite: bool, inputs) -> None:
 
 def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, overwrite=False, reward="miou",
                   class_weights=None, mode="auto", kfold=5, bound=None, max_sweeps=20, batch_size=8,
-                  device="auto", progress=True, classes=None) -> dict:
+                  device="auto", progress=True, folder_classes=None) -> dict:
     """What ``segreward calibrate`` does: resolve, check every output, fit, fold, write, report."""
     from segreward.calibrate.folding import fold_offsets
     from segreward.engine.builders import read_class_weight
@@ -227,7 +227,7 @@ def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, ov
         raise SegrewardError(f"--batch-size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
     net, weights, classes = _resolve_model(model)
-    dataset = _resolve_data(data, split, fmt, size, classes)
+    dataset = _resolve_data(data, split, fmt, size, folder_classes)
     num_classes, _, data_classes = dataset_info(dataset)
     if out is None:
         src = Path(model)

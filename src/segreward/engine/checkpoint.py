@@ -37,18 +37,21 @@ _TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "rng")
 def load_checkpoint(path: str | Path) -> dict:
     """A training checkpoint written by :func:`atomic_save` in the trainer, or a one-line error:
     not a checkpoint (text, a bare tensor, model weights without the optimiser and step), damaged."""
-    from segreward.models.weights import not_a_checkpoint, torch_load
+    from segreward.models.weights import is_safetensors, not_a_checkpoint, torch_load
     path = Path(path)
     what = "a training checkpoint (checkpoints/last.pt of `segreward train`)"
+    weights_only = ("model weights are not a training checkpoint; start from them with model.checkpoint=FILE "
+                    "instead of --resume")
     if path.is_dir():
         raise not_a_checkpoint(path, "a folder", what)
+    if is_safetensors(path):
+        raise not_a_checkpoint(path, f"a safetensors weights file: {weights_only}", what)
     obj = torch_load(path, what)
     if not isinstance(obj, dict):
         raise not_a_checkpoint(path, f"it holds a {type(obj).__name__}", what)
     missing = [k for k in _TRAINING_KEYS if k not in obj]
     if missing:
-        raise not_a_checkpoint(path, f"no {', '.join(missing)} in it: model weights are not a training checkpoint; "
-                               "start from them with model.checkpoint=FILE instead of --resume", what)
+        raise not_a_checkpoint(path, f"no {', '.join(missing)} in it: {weights_only}", what)
     return obj
 
 

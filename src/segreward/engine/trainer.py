@@ -710,6 +710,8 @@ class _Stage:
 
 def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = None,
            overwrite: bool = False, inputs=()) -> dict:
+    from segreward.outputs import created_mark, discard_empty_dirs
+    mark = created_mark()
     stage = _Stage(cfg, info, datasets, inputs)
     stage.setup()
     stage.restore(resume)
@@ -722,6 +724,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = 
     except BaseException:
         stage.close()
         stage.discard_if_empty()
+        if info.is_main:
+            discard_empty_dirs(mark)  # a work_dir this run made and left empty
         raise
     stage.close()
     return result

@@ -45,6 +45,16 @@ def _looks_like_text(path: Path) -> bool:
     return b"\x00" not in head
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (an 8-byte header length, then JSON)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
 def torch_load(path: Path, what: str = "weights file"):
     """``torch.load(weights_only=True)`` whose failures are one line: not a checkpoint (text, YAML,
     pickled Python objects, damaged), never torch's multi-line ``weights_only`` advice."""
@@ -64,7 +74,8 @@ def torch_load(path: Path, what: str = "weights file"):
                                    "loaded for safety", what) from None
         raise not_a_checkpoint(path, "not a torch file, or a damaged one", what) from None
     except Exception:  # noqa: BLE001 - torch raises many types (RuntimeError, KeyError, EOFError, ...) on junk
-        why = "a text file" if _looks_like_text(path) else "not a torch file, or a damaged one"
+        why = ("a text file" if _looks_like_text(path) else "a safetensors weights file" if is_safetensors(path)
+               else "not a torch file, or a damaged one")
         raise not_a_checkpoint(path, why, what) from None
 
 
