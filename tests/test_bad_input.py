@@ -112,6 +112,11 @@ def _train(base, tmp, *extra, cfg_extra=None, work=None):
 
 @pytest.mark.parametrize("c", CASES)
 def test_bad_input(c: Case, base, tmp_path, capsys):
+    run_case(c, base, tmp_path, capsys)
+
+
+def run_case(c: Case, base, tmp_path, capsys) -> str:
+    """Make the case, run it, check the one-line message, its needles and that nothing changed."""
     made = c.make(base, tmp_path)
     before = _tree_digest(base, tmp_path)
     capsys.readouterr()
@@ -139,6 +144,7 @@ def test_bad_input(c: Case, base, tmp_path, capsys):
     after = _tree_digest(base, tmp_path)
     changed = [k for k in before if after.get(k) != before[k]]
     assert not changed, f"changed or removed: {changed}"
+    return message
 
 
 # ------------------------------------------------------------------ data loss: runs and inputs
@@ -178,7 +184,7 @@ def _(base, tmp):
     return ["train", base / "tiny.yaml", "--overwrite", f"model.checkpoint={tmp / 'missing.safetensors'}"]
 
 
-@cli_case("loss", "resume-other-model-on-existing", "keys")
+@cli_case("loss", "resume-other-model-on-existing", "changed config", "model.options.width: 4 -> 8")
 def _(base, tmp):
     return ["train", base / "tiny.yaml", "--resume", "train.iters=4", "model.options.width=8"]
 
@@ -412,7 +418,7 @@ def _(base, tmp):
     return _train(base, tmp, f"model.checkpoint={tmp / 'junk.pt'}")
 
 
-@cli_case("ckpt", "resume-other-width", "last.pt", "keys with other shapes")
+@cli_case("ckpt", "resume-other-width", "last.pt", "model.options.width: 4 -> 8")
 def _(base, tmp):
     shutil.copytree(base / "run", tmp / "w")
     return _train(base, tmp, "--resume", "train.iters=4", "model.options.width=8")
@@ -429,14 +435,14 @@ def _(base, tmp):
     return ["train", base / "tiny.yaml", "--resume"]
 
 
-@cli_case("ckpt", "resume-corrupt-checkpoint", "last.pt", "cannot read")
+@cli_case("ckpt", "resume-corrupt-checkpoint", "last.pt", "not a checkpoint")
 def _(base, tmp):
     (tmp / "w" / "checkpoints").mkdir(parents=True)
     (tmp / "w" / "checkpoints" / "last.pt").write_bytes(b"\x00" * 64)
     return _train(base, tmp, "--resume")
 
 
-@cli_case("ckpt", "resume-narrower-model", "last.pt", "keys with other shapes")
+@cli_case("ckpt", "resume-narrower-model", "last.pt", "model.options.width: 4 -> 6")
 def _(base, tmp):
     shutil.copytree(base / "run", tmp / "w")
     return _train(base, tmp, "--resume", "train.iters=4", "model.options.width=6")

@@ -230,7 +230,7 @@ def _bad_checkpoint(setup, path: Path, edit) -> Path:
                            "num_classes=4"),
     ("dataset_classes", "predicts 4 classes but the test_dataloader dataset has 3 (a, b, c)"),
     ("no_bias", "has no bias to hold the offsets"),
-    ("reward", "has no counts form"),
+    ("reward", "unknown reward 'boundary_f1'; count rewards"),
     ("kfold", "--kfold must be 0 (off) or >= 2"),
 ])
 def test_one_line_errors(setup, tmp_path, capsys, case, needle):

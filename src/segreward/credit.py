@@ -111,6 +111,8 @@ def count_form(spec, num_classes: int, class_weights=None) -> CountReward:
     if isinstance(spec, Mapping):
         parts = []
         for name, w in spec.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise SegrewardError(f"reward weight {name}: {w!r} is not a number")
             if float(w) < 0:
                 raise SegrewardError(f"reward weights must be >= 0, got {name}: {w}")
             parts += [(t, float(w) * tw) for t, tw in count_form(name, num_classes, class_weights).parts]
@@ -126,6 +128,12 @@ def count_form(spec, num_classes: int, class_weights=None) -> CountReward:
         return _single("dice", _dice_terms)
     if spec == "pixel_accuracy":
         return _single("pixel_accuracy", _accuracy_terms)
+    if isinstance(spec, str) and spec not in R.REWARDS:
+        raise SegrewardError(f"unknown reward {spec!r}; count rewards: {', '.join(COUNT_REWARDS)} "
+                             "(or a mapping {name: weight} of them)")
+    if not isinstance(spec, str) and not callable(spec):
+        raise SegrewardError(f"reward {spec!r} is not a reward: give one of {', '.join(COUNT_REWARDS)} or a mapping "
+                             "{name: weight} of them")
     shown = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
     raise SegrewardError(f"reward {shown!r} has no counts form, which estimator 'local' and scope 'running' need; "
                          f"use one of {', '.join(COUNT_REWARDS)} or a mapping {{name: weight}} of them")

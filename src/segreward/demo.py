@@ -258,10 +258,10 @@ def _plot_examples(work: Path, s: DemoSettings, seed: int, out: Path, n: int = 3
 def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, progress: bool = True,
              method: str = DEFAULT_METHOD) -> dict:
     """Run the demo; returns ``{"per_seed": ..., "table": str, "report": path, "runtime_s": float}``."""
-    from segreward.outputs import atomic_save, atomic_write_text, ensure_dir
+    from segreward.outputs import atomic_save, atomic_write_text, claim_dir
 
     s = DemoSettings.quick(method=method) if quick else DemoSettings(method=method)
-    out = ensure_dir(out, "--out")
+    out = claim_dir(out, "--out", "demo")  # never over a user's own files
     t0 = time.perf_counter()
     per_seed = {}
     for seed in seeds:

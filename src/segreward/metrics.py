@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from segreward.errors import SegrewardError
+from segreward.errors import SegrewardError, require_tensors
 
 __all__ = ["confusion_matrix", "class_stats", "check_labels", "scores_from_confusion", "SegMetric", "all_reduce_cpu"]
 
@@ -63,6 +63,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     ``pred`` and ``target`` are integer tensors of the same shape ``[N, ...]``. One ``bincount``
     over the whole batch, no Python loop over images or classes.
     """
+    require_tensors("confusion_matrix", pred=pred, target=target)
     if pred.shape != target.shape:
         raise SegrewardError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
     if pred.dim() < 1:
@@ -71,9 +72,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if validate:
         _check_whole(target, "label")
         _check_whole(pred, "prediction")
-    n = pred.shape[0]
-    pred = pred.reshape(n, -1).long()
-    target = target.reshape(n, -1).long()
+    n, m = pred.shape[0], math.prod(pred.shape[1:])  # not reshape(n, -1): n may be 0
+    pred = pred.reshape(n, m).long()
+    target = target.reshape(n, m).long()
     # Ignored pixels go to an extra label row ``c`` of their image (sliced off below) instead of
     # being compacted out: fewer full passes over the pixels than masking (this is the hot path
     # of every reward).
@@ -166,7 +167,13 @@ class SegMetric:
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names=None):
         self.num_classes = _check_num_classes(num_classes)
         self.ignore_index = int(ignore_index)
+        if isinstance(class_names, str):
+            raise SegrewardError(f"SegMetric(class_names={class_names!r}): give a list of {self.num_classes} names, "
+                                 "not one string")
         self.class_names = list(class_names) if class_names is not None else None
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise SegrewardError(f"SegMetric(class_names=...): {len(self.class_names)} names for num_classes="
+                                 f"{self.num_classes}; give one name per class")
         self.reset()
 
     def reset(self) -> None:
@@ -174,6 +181,10 @@ class SegMetric:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        require_tensors("SegMetric.update", pred=pred, target=target)
+        if target.numel() == 0:
+            raise SegrewardError(f"SegMetric.update: empty batch (pred {tuple(pred.shape)}, target "
+                                 f"{tuple(target.shape)}); skip empty batches")
         if pred.dim() == target.dim() + 1:  # logits [N, C, H, W] given: take the argmax
             pred = pred.argmax(dim=1)
         cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index).sum(0)

@@ -52,12 +52,62 @@ def _make_dir(p: Path) -> str | None:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"cannot be created ({_reason(e)})"
+    if blocker != p:  # the top-most folder this call created: removed again if the command fails
+        _CREATED.append(blocker / p.relative_to(blocker).parts[0])
     try:  # os.access lies for root and on read-only mounts: try it
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as e:
         return f"is not writable ({_reason(e)})"
     return None
+
+
+# Folders created by _make_dir in this process, in order (see discard_empty_dirs).
+_CREATED: list[Path] = []
+
+
+def created_mark() -> int:
+    """A mark for :func:`discard_empty_dirs`: the folders created from now on."""
+    return len(_CREATED)
+
+
+def discard_empty_dirs(since: int = 0) -> None:
+    """After a failure: remove the folders created since ``since`` that hold no file (their
+    empty sub-folders first), so a failed command leaves no empty --out or run folder behind.
+    Folders holding any file are kept."""
+    for top in reversed(_CREATED[since:]):
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for sub, _, files in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
+            if files == [OWNER_FILE]:  # a claimed folder that got nothing else
+                os.unlink(Path(sub) / OWNER_FILE)
+            try:
+                os.rmdir(sub)  # fails, and is left, when it is not empty
+            except OSError:
+                pass
+    del _CREATED[since:]
+
+
+# Marks a folder a command filled itself (``claim_dir``): it may fill it again.
+OWNER_FILE = ".segreward-owner"
+
+
+def claim_dir(path, what: str, owner: str) -> Path:
+    """:func:`ensure_dir` for a command that writes many files of its own into a folder (the demo):
+    the folder must be new, empty, or one this ``owner`` filled before (its :data:`OWNER_FILE`),
+    so a user's own files are never overwritten. A one-line error lists a few of them."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        entries = sorted(e.name for e in p.iterdir())
+        mark = p / OWNER_FILE
+        theirs = mark.is_file() and mark.read_text(errors="replace").strip() == owner
+        if entries and not theirs:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise SegrewardError(f"{what} {p}: holds files that `segreward {owner}` did not write ({shown}); "
+                                 "choose a new or empty folder")
+    p = ensure_dir(p, what)
+    atomic_write_text(p / OWNER_FILE, owner + "\n")
+    return p
 
 
 def ensure_dir(path, what: str) -> Path:

@@ -83,6 +83,8 @@ class Trend:
         except ValueError:
             raise SegrewardError(f"--trend {text!r}: expected four numbers x0,y0,x1,y1, "
                                  "e.g. --trend 0,50.1,40000,58.3") from None
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise SegrewardError(f"--trend {text!r}: the four numbers must be finite (no nan or inf)")
         if x0 == x1:
             raise SegrewardError(f"--trend {text!r}: x0 and x1 must differ")
         return cls(x0, y0, x1, y1)

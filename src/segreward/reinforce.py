@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segreward.credit import SCOPES, count_form, counts, credit_table, reward_from_counts
-from segreward.errors import SegrewardError
+from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import check_labels
 from segreward.rewards import REWARDS, get_reward, miou
 from segreward.sampling import CategoricalSampler, draw_from_probs, get_sampler
@@ -150,7 +150,8 @@ def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor
         expected = weighted.sum(1, keepdim=True)  # E_c[credit] per pixel
         value = -expected.flatten(1).sum(1)  # [B]
         direction = weighted.sub_(p * expected)  # d(sum_c p_c credit_c) / dz
-    moved = (z * direction).flatten(1).sum(1)
+    # Where p_c = 0 (a class masked with -inf logits) the direction is 0; keep 0 * -inf out of it.
+    moved = (z.where(direction != 0, torch.zeros((), dtype=z.dtype, device=z.device)) * direction).flatten(1).sum(1)
     per_image = value - (moved - moved.detach())  # value of the surrogate, gradient -direction
     per_group = torch.zeros(g, dtype=per_image.dtype, device=per_image.device).index_add(0, group, per_image)
     return per_group, credit
@@ -263,9 +264,7 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignor
     """Validate shapes and label values; return ``(logits, target, mask)``: logits upsampled
     (bilinearly, once) to the label size, the label as ``[B, H, W]`` long, and its labelled pixels.
     Every error is one line naming both shapes (or the bad values)."""
-    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise SegrewardError(f"logits and label must be torch tensors, got {type(logits).__name__} "
-                             f"and {type(target).__name__}")
+    require_tensors("loss", logits=logits, label=target)
     shapes = f"logits {tuple(logits.shape)}, label {tuple(target.shape)}"
     if logits.dim() != 4:
         raise SegrewardError(f"logits must be [B, C, H, W] and the label [B, H, W]; got {shapes}")
@@ -390,7 +389,7 @@ class _LocalEstimator:
                 # share of labelled pixels where switching to the label class would raise the reward
                 "credit_label_pos": float(((label_credit > 0) & mask).sum() / n),
                 # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
-                "entropy": float(((lse - (p * z).sum(1)) * mask).sum() / n),
+                "entropy": float(((lse - (p * z).nan_to_num(nan=0.0).sum(1)) * mask).sum() / n),  # 0 * -inf: 0
             }
         return value, diagnostics
 

@@ -12,6 +12,7 @@ built-ins are also reachable by name through :func:`get_reward` (``reward: miou`
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -46,11 +47,17 @@ def class_weight_tensor(class_weights, num_classes: int, device=None) -> torch.T
     class, finite and >= 0."""
     if class_weights is None:
         raise SegrewardError("reward 'weighted_miou' needs class_weights (e.g. from `segreward stats weights`)")
-    w = torch.as_tensor(class_weights, dtype=torch.float64, device=device)
+    try:
+        w = torch.as_tensor(class_weights, dtype=torch.float64, device=device).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise SegrewardError(f"class_weights = {class_weights!r} must be a list of {num_classes} numbers") from None
     if w.numel() != num_classes:
         raise SegrewardError(f"weighted_miou got {w.numel()} class weights for {num_classes} classes")
     if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
         raise SegrewardError(f"class weights must be finite and >= 0, got {w.tolist()}")
+    if not bool((w > 0).any()):
+        raise SegrewardError(f"class weights are all 0 ({w.tolist()}): the reward would be 0 for every prediction; "
+                             "give at least one weight > 0")
     return w
 
 
@@ -106,6 +113,21 @@ REWARDS: dict[str, Callable] = {
 }
 
 
+def check_reward_signature(fn: Callable) -> Callable:
+    """``fn`` if it can be called as ``fn(pred, target)``; else a one-line error showing its signature."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: trust them
+        return fn
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise SegrewardError(f"reward {name}{sig} is not a reward function: it must take (pred, target) and return "
+                             "a Tensor[N], one reward per image") from None
+    return fn
+
+
 def register_reward(name: str, fn: Callable) -> Callable:
     """Make ``fn(pred, target, num_classes, ignore_index, **kw)`` reachable by ``name`` in configs."""
     REWARDS[name] = fn
@@ -119,11 +141,16 @@ def get_reward(spec, num_classes: int, ignore_index: int = 255, **kwargs) -> Rew
     ``class_weights``), ``dice``, ``pixel_accuracy``), or a mapping ``{name: weight}`` for a
     weighted sum, e.g. ``{"miou": 1.0, "pixel_accuracy": 0.5}``.
     """
+    # a built-in passed as a function: it needs num_classes too
+    spec = next((name for name, fn in REWARDS.items() if spec is fn), spec)
     if callable(spec):
-        return spec
+        return check_reward_signature(spec)
     if isinstance(spec, Mapping):
         return weighted_sum([(get_reward(name, num_classes, ignore_index, **kwargs), w) for name, w in spec.items()])
-    if not isinstance(spec, str) or spec not in REWARDS:
+    if not isinstance(spec, str):
+        raise SegrewardError(f"reward {spec!r} is not a reward: give a name ({', '.join(sorted(REWARDS))}), a mapping "
+                             "{name: weight} or a callable fn(pred, target) -> Tensor[N]")
+    if spec not in REWARDS:
         raise SegrewardError(f"unknown reward {spec!r}; valid: {', '.join(sorted(REWARDS))} (or any callable fn(pred, target))")
     fn = REWARDS[spec]
     if spec == "weighted_miou" and kwargs.get("class_weights") is None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from segreward.calibrate.search import check_count_form, line_search
 from segreward.credit import CountReward, reward_from_counts
-from segreward.errors import SegrewardError
+from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import confusion_matrix, scores_from_confusion
 
 __all__ = ["Calibration", "PixelSet", "fit_offsets", "pixel_set", "set_reward", "argmax_with_offsets"]
@@ -77,6 +77,7 @@ def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
                      where: str = "logits"):
     """``(z [M, C], t [M], image [M])`` of the labelled pixels of ``logits [N, C, H, W]`` and
     ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input."""
+    require_tensors(where, logits=logits, labels=labels)
     if logits.dim() == 2:
         logits, labels = logits.t().reshape(1, logits.shape[1], -1, 1), labels.reshape(1, -1, 1)
     if logits.dim() != 4 or labels.dim() != 3:
@@ -121,6 +122,9 @@ def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int 
         image = torch.cat([torch.full_like(p[1], j) for j, p in enumerate(parts)])
         n = len(parts)
     else:
+        require_tensors("fit_offsets", logits=logits, labels=labels)
+        if labels.numel() == 0:
+            raise SegrewardError(f"no images to calibrate on: labels {tuple(labels.shape)} hold no pixel")
         num_classes = num_classes or logits.shape[1 if logits.dim() == 4 else -1]
         z, t, image = flatten_labelled(logits, labels, num_classes, ignore_index)
         n = logits.shape[0] if logits.dim() == 4 else 1
@@ -156,13 +160,9 @@ def set_scores(pixels: PixelSet, offsets: torch.Tensor) -> dict:
 
 
 def check_offsets(init, num_classes: int, what: str = "init") -> torch.Tensor:
-    b = torch.zeros(num_classes, dtype=torch.float64) if init is None else \
-        torch.as_tensor(init, dtype=torch.float64).flatten().clone()
-    if b.numel() != num_classes:
-        raise SegrewardError(f"{what}: {b.numel()} offsets for {num_classes} classes")
-    if not bool(torch.isfinite(b).all()):
-        raise SegrewardError(f"{what}: offsets must be finite, got {b.tolist()}")
-    return b
+    from segreward.calibrate.folding import _as_offsets
+    return torch.zeros(num_classes, dtype=torch.float64) if init is None else \
+        _as_offsets(init, num_classes, what).clone()
 
 
 def check_settings(max_sweeps, bound) -> None:

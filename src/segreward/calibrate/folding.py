@@ -52,7 +52,15 @@ def classifier_of(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def _as_offsets(offsets, num_classes: int, where: str) -> torch.Tensor:
-    b = torch.as_tensor(offsets, dtype=torch.float64).flatten()
+    """``offsets`` as a float64 tensor ``[C]``, or a one-line error: C finite numbers (a list, a tensor,
+    ``Calibration.offsets``), not None, a string or anything else."""
+    try:
+        if offsets is None or isinstance(offsets, (str, bytes)):
+            raise TypeError
+        b = torch.as_tensor(offsets, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise SegrewardError(f"{where}: offsets = {offsets!r:.60} are not numbers; give {num_classes} numbers, one per "
+                             "class (a list, a tensor, or Calibration.offsets)") from None
     if b.numel() != num_classes:
         raise SegrewardError(f"{where}: {b.numel()} offsets for a classifier with {num_classes} classes "
                              "(calibrated for another number of classes?)")

@@ -136,6 +136,11 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
     each current offset (a step moves an offset by at most ``span``). Memory:
     ``C^2 (bins + 2) 3`` counts (19 classes, 1024 bins: 8.9 MB), whatever the number of images.
     """
+    if not callable(passes):
+        kind = type(passes).__name__
+        raise SegrewardError(f"fit_offsets_streaming(passes=...): got a {kind}; give a function that returns a fresh "
+                             "iterable of (logits, labels) batches on every call (one call per pass), e.g. "
+                             "passes=lambda: batches for a list, or lambda: iter(loader)")
     check_settings(max_sweeps, bound)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2:
         raise SegrewardError(f"bins must be an even integer >= 2, got {bins!r}")
@@ -146,8 +151,24 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
 
     def run_pass(offsets: torch.Tensor) -> tuple[ThresholdHistogram, float]:
         h = ThresholdHistogram(offsets, bins, span, ignore_index)
-        for logits, labels in passes():
-            h.update(logits, labels)
+        batches = passes()
+        try:
+            batches = iter(batches)
+        except TypeError:
+            raise SegrewardError(f"fit_offsets_streaming: passes() returned a {type(batches).__name__}, not an iterable "
+                                 "of (logits, labels) batches") from None
+        n = 0
+        for n, batch in enumerate(batches, 1):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+                raise SegrewardError(f"fit_offsets_streaming: batch {n} of pass {len(history) + 1} is {what}; every "
+                                     "batch must be a (logits [B, C, H, W], labels [B, H, W]) pair")
+            h.update(*batch)
+        if n == 0 and not torch.distributed.is_initialized():  # under DDP a rank's shard may be empty
+            again = " (it must return a fresh iterable each call: an iterator or generator runs only once)" \
+                if history else ""
+            raise SegrewardError(f"fit_offsets_streaming: no batches: passes() gave none on pass {len(history) + 1}"
+                                 f"{again}")
         h.all_reduce()
         cnt = h.counts()
         if float(cnt[:, 2].sum()) == 0:

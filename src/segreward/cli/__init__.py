@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the parser imports torch, before any command runs
+        print("segreward: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides (KEY=VALUE) may come after options such as --resume.
@@ -40,12 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from segreward.outputs import created_mark, discard_empty_dirs
+    mark = created_mark()
     try:
         result = args.func(args)
     except SegrewardError as e:
+        discard_empty_dirs(mark)
         print(f"segreward {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        discard_empty_dirs(mark)
         print(f"segreward {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        discard_empty_dirs(mark)
+        raise
     return int(result or 0)

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--split", help="split of a folder / dataset spec; with a run config: 'train' or a data.val name")
     p.add_argument("--format", default="folder", help="dataset format of a DATA folder (default: folder; "
                                                       "camvid, cityscapes, ...)")
+    p.add_argument("--classes", help="classes of a DATA folder in the mmseg layout: a known dataset (cityscapes, "
+                   "camvid, ...), a number, or comma-separated names")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize images and labels (a DATA folder)")
     p.add_argument("--out", help="output folder (default: <run>/calibrated, or <weights stem>_calibrated)")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier calibration")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                            out=args.out, overwrite=args.overwrite, reward=args.reward,
                            class_weights=args.class_weights, mode=args.mode, kfold=args.kfold, bound=args.bound,
                            max_sweeps=args.max_sweeps, batch_size=args.batch_size, device=args.device,
-                           progress=args.progress)
+                           progress=args.progress, folder_classes=args.classes)
     print(result["report"])
     print(f"offsets: {result['offsets']}")
     print(f"calibrated weights: {result['weights']}")

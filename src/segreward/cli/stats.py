@@ -106,7 +106,8 @@ def _freq(args: argparse.Namespace) -> int:
         reduce_zero_label=args.reduce_zero_label,
         label_map=parse_label_map(args.label_map) if args.label_map else None,
         map_unlisted=args.ignore_unlisted, palette=parse_palette(args.palette) if args.palette else None,
-        strict=args.strict, skip_bad=args.skip_bad)
+        strict=args.strict, skip_bad=args.skip_bad,
+        exclude=[Path(args.out) / n for n in ("frequencies.png", "frequencies.json", "frequencies.csv")])
     paths = save_frequencies(freq, args.out, plot=args.plot)
     print(frequency_table(freq))
     for line in notes(freq):

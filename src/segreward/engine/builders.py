@@ -28,7 +28,9 @@ def build_data(spec: dict, transform=None):
         except TypeError as e:
             raise SegrewardError(f"dataset 'synthetic': {e}") from None
     else:
-        from segreward.data.datasets import build_dataset
+        from segreward.data.datasets import DATASETS, build_dataset
+        if kind not in DATASETS:  # before the root: a typo in the type is the real problem
+            raise SegrewardError(f"unknown dataset type {kind!r}; known: {', '.join(['concat', 'synthetic', *DATASETS])}")
         root = spec.pop("root", None)
         if root is None:
             raise SegrewardError(f"dataset {kind!r} needs a 'root' folder")

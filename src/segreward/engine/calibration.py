@@ -37,6 +37,8 @@ def model_batches(model: nn.Module, dataset: Dataset, batch_size: int = 8, devic
     """``passes()``: each call runs the model in eval mode over (this rank's shard of) the dataset
     and yields ``(float logits at the label size, labels)`` batches on ``device``. The loop of
     the trainer's evaluation and of the calibration fits."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SegrewardError(f"batch size must be a positive integer, got {batch_size!r}")
     device = torch.device(device)
     indices = list(range(rank, len(dataset), world))
 
@@ -124,16 +126,12 @@ def write_calibration(out_dir: str | Path, model: nn.Module, cal: Calibration, c
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda[:N]`` as a device that exists here, or a one-line error."""
+    """``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps`` as a device that exists here, or a one-line error."""
+    from segreward.engine.distributed import check_device
+    check_device(device, "--device")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SegrewardError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SegrewardError(f"--device {device}: this torch build sees no CUDA device; use cpu")
-    return dev
+    return torch.device(device)
 
 
 def _resolve_model(path: str | Path):
@@ -154,15 +152,38 @@ def _resolve_model(path: str | Path):
     return model, weights, meta.get("classes")
 
 
-def _resolve_data(data: str | Path, split: str | None, fmt: str, size):
+def _folder_classes(classes: str | None, fmt: str, folder: Path) -> dict:
+    """The keywords that give a DATA folder its classes, from ``--classes``: a known dataset name
+    (its class list), a number of classes, or comma-separated names."""
+    from segreward.data.meta import known_datasets
+    if classes is None:
+        if fmt.lower() in ("folder", "mmseg"):
+            raise SegrewardError(f"{folder}: a folder in the mmseg layout does not name its classes; give them on the "
+                                 "command line: --classes cityscapes (a known dataset: "
+                                 f"{', '.join(known_datasets())}), --classes 19, or --classes road,car,...")
+        return {}
+    if classes.lower() in known_datasets():
+        return {"meta": classes.lower()}
+    if classes.strip().isdigit():
+        return {"classes": int(classes)}
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    if len(names) < 2:
+        raise SegrewardError(f"--classes {classes!r}: give a known dataset ({', '.join(known_datasets())}), a number "
+                             "of classes, or at least two comma-separated names")
+    return {"classes": names}
+
+
+def _resolve_data(data: str | Path, split: str | None, fmt: str, size, classes: str | None = None):
     """A dataset (no augmentation) from a folder, a dataset spec YAML, or a run config YAML."""
     from segreward.engine.builders import build_data
     from segreward.engine.config import config_from_dict, read_yaml
     p = Path(data)
     if p.is_dir():
         spec = {"type": fmt, "root": str(p), **({"split": split} if split else {}),
-                **({"size": tuple(size)} if size else {})}
+                **({"size": tuple(size)} if size else {}), **_folder_classes(classes, fmt, p)}
         return build_data(spec)
+    if classes is not None:
+        raise SegrewardError(f"--classes is for a DATA folder; {p} is a file: give the classes in its dataset spec")
     tree = read_yaml(p, "dataset spec or run config")
     if not isinstance(tree, dict):
         raise SegrewardError(f"{p}: expected a dataset spec (with 'type') or a run config (with 'data'), "
@@ -196,15 +217,17 @@ def _check_out_dir(out: Path, overwrite: bool, inputs) -> None:
 
 def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, overwrite=False, reward="miou",
                   class_weights=None, mode="auto", kfold=5, bound=None, max_sweeps=20, batch_size=8,
-                  device="auto", progress=True) -> dict:
+                  device="auto", progress=True, folder_classes=None) -> dict:
     """What ``segreward calibrate`` does: resolve, check every output, fit, fold, write, report."""
     from segreward.calibrate.folding import fold_offsets
     from segreward.engine.builders import read_class_weight
     if kfold is not None and kfold < 0 or kfold == 1:
         raise SegrewardError(f"--kfold must be 0 (off) or >= 2, got {kfold}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SegrewardError(f"--batch-size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
     net, weights, classes = _resolve_model(model)
-    dataset = _resolve_data(data, split, fmt, size)
+    dataset = _resolve_data(data, split, fmt, size, folder_classes)
     num_classes, _, data_classes = dataset_info(dataset)
     if out is None:
         src = Path(model)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segreward.errors import SegrewardError
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -32,17 +31,28 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
+_TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "rng")
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SegrewardError(f"{path}: checkpoint not found") from None
-    except IsADirectoryError:
-        raise SegrewardError(f"{path}: is a folder, not a checkpoint file") from None
-    except Exception as e:  # corrupt or not a torch file; torch's messages run over many lines
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise SegrewardError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first}); "
-                             "the file is damaged or not a segreward checkpoint") from None
+    """A training checkpoint written by :func:`atomic_save` in the trainer, or a one-line error:
+    not a checkpoint (text, a bare tensor, model weights without the optimiser and step), damaged."""
+    from segreward.models.weights import is_safetensors, not_a_checkpoint, torch_load
+    path = Path(path)
+    what = "a training checkpoint (checkpoints/last.pt of `segreward train`)"
+    weights_only = ("model weights are not a training checkpoint; start from them with model.checkpoint=FILE "
+                    "instead of --resume")
+    if path.is_dir():
+        raise not_a_checkpoint(path, "a folder", what)
+    if is_safetensors(path):
+        raise not_a_checkpoint(path, f"a safetensors weights file: {weights_only}", what)
+    obj = torch_load(path, what)
+    if not isinstance(obj, dict):
+        raise not_a_checkpoint(path, f"it holds a {type(obj).__name__}", what)
+    missing = [k for k in _TRAINING_KEYS if k not in obj]
+    if missing:
+        raise not_a_checkpoint(path, f"no {', '.join(missing)} in it: {weights_only}", what)
+    return obj
 
 
 def rng_state() -> dict:

@@ -9,6 +9,7 @@ Unknown keys are errors that list the valid ones; values are checked for type an
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,8 +27,8 @@ def _choice(what: str, value, allowed) -> None:
 
 
 def _positive(what: str, value, allow_zero: bool = False) -> None:
-    if value != value or value < 0 or (value == 0 and not allow_zero):  # value != value: NaN
-        raise SegrewardError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if value != value or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):  # != : NaN
+        raise SegrewardError(f"{what} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def _unit(what: str, value) -> None:
@@ -40,10 +41,9 @@ def _unit(what: str, value) -> None:
 _DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 
-def _check_device_name(value: str) -> None:
-    import re
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise SegrewardError(f"train.device = {value!r} is not a device; use one of: {_DEVICE_HELP}")
+def check_device_name(value, what: str = "train.device") -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise SegrewardError(f"{what} = {value!r} is not a device; use one of: {_DEVICE_HELP}")
 
 
 @dataclass
@@ -161,7 +161,7 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.num_workers", self.num_workers, allow_zero=True)
         _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
-        _check_device_name(self.device)
+        check_device_name(self.device)
         if self.crop is not None:
             ok = (len(self.crop) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                               for v in self.crop))
@@ -246,6 +246,9 @@ class Config:
 
     def __post_init__(self):
         _choice("stage", self.stage, ("pretrain", "tune"))
+        if not self.name.strip() or self.name in (".", "..") or re.search(r"[/\\\x00]", self.name):
+            raise SegrewardError(f"name = {self.name!r} must be a plain folder name (no '/', not '..'): the run goes "
+                                 "to runs/<name>; set work_dir to put it somewhere else")
         if self.work_dir is None:
             self.work_dir = str(Path("runs") / self.name)
 
@@ -314,14 +317,20 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise SegrewardError(f"override {item!r} must look like section.key=value (e.g. loss.k=8)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        try:
+            value = yaml_value(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise SegrewardError(f"override {item!r}: the value is not valid YAML "
+                                 f"({' '.join(str(e).split())}); quote it or close its brackets") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, section by section; an empty mapping (``data.val={}``) replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -329,8 +338,34 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return _build(Config, _merge(data or {}, parse_overrides(overrides)))
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where a
+    float needs a dot, so ``1e-4`` and ``3e-3`` would be strings. Used for config files and for
+    ``key=value`` overrides alike."""
+
+
+# PyYAML keeps one list of implicit resolvers per first character; replace the float one with
+# YAML 1.2's (the 1.1 forms with a dot, plus 1e-4 / 3E+2 without one).
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_value(text: str):
+    """One YAML scalar or flow value as a config reads it (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+class _StrictLoader(_Loader):
+    """The config loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
 
 
 def _no_duplicates(loader: _StrictLoader, node, deep: bool = False):

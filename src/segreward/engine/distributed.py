@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from segreward.errors import SegrewardError
+
 
 @dataclass
 class DistInfo:
@@ -23,6 +25,22 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def check_device(name: str, what: str = "train.device") -> None:
+    """Refuse a device name that is no device, or a device this machine does not have (torch
+    knows ``meta``, and ``mps`` off a Mac, but cannot train on them), naming the ones it has."""
+    from segreward.engine.config import check_device_name
+    check_device_name(name, what)
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        have.append("mps")
+    if name == "auto" or name == "cpu" or name in have or (name == "cuda" and len(have) > 1 and "cuda:0" in have):
+        return
+    raise SegrewardError(f"{what} = {name!r} is not available on this machine"
+                         f"{' (this torch build has no CUDA)' if name.startswith('cuda') and not torch.backends.cuda.is_built() else ''}; "
+                         f"available: auto, {', '.join(have)}")
 
 
 def setup(device: str = "auto") -> DistInfo:

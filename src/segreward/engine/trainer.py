@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segreward.engine import distributed as D
+from segreward.engine.distributed import check_device
 from segreward.engine.builders import (autocast, build_data, build_loss, build_optimizer, build_scheduler, dataset_info,
                                        resize_logits)
 from segreward.engine.calibration import model_batches
@@ -128,7 +129,8 @@ def _load_start_weights(model: nn.Module, path: str, num_classes: int, strict: b
     load_weights(model, path, strict=strict)
 
 
-def train(cfg: Config, resume: bool = False, datasets: dict | None = None, overwrite: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, datasets: dict | None = None, overwrite: bool = False,
+          inputs=()) -> dict:
     """Run one stage; returns ``{"work_dir", "step", "val": {name: scores}, "num_classes", "classes"}``.
 
     ``datasets``: ``{"train": Dataset, "val": {name: Dataset}}``, either part optional; a given
@@ -140,29 +142,21 @@ def train(cfg: Config, resume: bool = False, datasets: dict | None = None, overw
     A work_dir that already holds a run is never reused silently: ``resume=True`` continues it
     from its last checkpoint, ``overwrite=True`` removes the old run's files and starts again;
     otherwise the run is refused. Nothing is written before the config, the data, the model and
-    the checkpoint to resume have been checked.
+    the checkpoint to resume have been checked. No file the run reads (``inputs``: the config
+    file(s) ``cfg`` came from; ``model.checkpoint``; class-weight files) is removed or rewritten.
+
+    ``resume=True`` with a config that differs from the checkpoint's: settings that only change
+    what is logged or when (``train.eval_every``, ``data.val``, ``calibrate``, ...) are applied
+    and recorded in config.yaml, with one line saying so; any other change is refused.
     """
     if resume and overwrite:
         raise SegrewardError("--resume and --overwrite contradict each other; pass one of them")
     check_device(cfg.train.device)
     info = D.setup(cfg.train.device)
     try:
-        return _train(cfg, resume, info, datasets, overwrite)
+        return _train(cfg, resume, info, datasets, overwrite, inputs)
     finally:
         D.teardown()
-
-
-def check_device(name: str) -> None:
-    """Refuse a device this machine does not have, naming the ones it has."""
-    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        have.append("mps")
-    if name == "auto" or name == "cpu" or name in have or (name == "cuda" and len(have) > 1 and "cuda:0" in have):
-        return
-    raise SegrewardError(f"train.device = {name!r} is not available on this machine"
-                         f"{' (this torch build has no CUDA)' if name.startswith('cuda') and not torch.backends.cuda.is_built() else ''}; "
-                         f"available: auto, {', '.join(have)}")
 
 
 def _build_datasets(cfg: Config, given: dict | None) -> tuple[Dataset, dict]:
@@ -203,7 +197,7 @@ def _snapshot(cfg: Config, given: dict | None) -> dict:
 # Files and folders of a run in its work_dir: what --overwrite removes, and what makes a folder
 # "hold a run" that is never reused silently.
 RUN_FILES = ("config.yaml", "checkpoints", "model.safetensors", "model_meta.json", "summary.json", "vis_data",
-             "offsets.json", "model_calibrated.safetensors")
+             "offsets.json", "model_calibrated.safetensors", "calibrated")
 
 
 def existing_run(work: Path) -> list[str]:
@@ -211,36 +205,95 @@ def existing_run(work: Path) -> list[str]:
     return [name for name in RUN_FILES if (work / name).exists() or (work / name).is_symlink()]
 
 
-def prepare_run_dir(work: Path, resume: bool, overwrite: bool) -> bool:
+def _inside(path: Path, top: Path) -> bool:
+    path, top = path.resolve(), top.resolve()
+    return path == top or top in path.parents
+
+
+def prepare_run_dir(work: Path, resume: bool, overwrite: bool, inputs=(), snapshot: str | None = None) -> bool:
     """Check (and with ``overwrite`` clear) the run folder before anything is written; returns
     whether the run continues from ``checkpoints/last.pt``. A one-line error names the folder
-    and the choices when it holds a run that is neither resumed nor to be replaced."""
+    and the choices when it holds a run that is neither resumed nor to be replaced.
+
+    ``inputs``: ``(what, path)`` of the files this run reads (the config file, model.checkpoint,
+    class weights): ``--overwrite`` refuses to remove any of them, and the run refuses to replace
+    its config.yaml when that is an input and ``snapshot`` (the text to write) differs."""
     import shutil
-    from segreward.outputs import ensure_dir
+    from segreward.outputs import ensure_dir, same_file
 
     if work.exists() and not work.is_dir():
         raise SegrewardError(f"work_dir {work}: is a file, not a folder; choose another --work-dir")
     found = existing_run(work)
     ckpt = work / "checkpoints" / "last.pt"
-    if resume and ckpt.exists():
-        ensure_dir(work, "work_dir")
-        return True
-    if found and not overwrite:
+    resuming = resume and ckpt.exists()
+    if found and not overwrite and not resuming:
         if resume:
             raise SegrewardError(f"work_dir {work}: holds a run ({', '.join(found)}) but no checkpoint to resume "
                                  f"from ({ckpt}); pass --overwrite to start it again, or choose another --work-dir")
         raise SegrewardError(f"work_dir {work}: already holds a run ({', '.join(found)}); pass --resume to continue "
                              "it, --overwrite to replace it, or choose another --work-dir")
+    config = work / "config.yaml"
+    for what, src in inputs:
+        if not Path(src).exists():
+            continue
+        if same_file(src, config):
+            if config.read_text(errors="replace") == snapshot:
+                continue  # written again with the very same text (and kept by --overwrite)
+            raise SegrewardError(f"work_dir {work}: this run would replace {src}, which it reads ({what}), with the "
+                                 "resolved config; copy the file out of the run folder first, or choose another "
+                                 "--work-dir")
+        hit = next((n for n in found if _inside(Path(src), work / n)), None)
+        if hit is not None and not resuming:
+            raise SegrewardError(f"work_dir {work}: --overwrite would remove {src}, which this run reads ({what}); "
+                                 "copy it out of the run folder first, or choose another --work-dir")
+    if resuming:
+        ensure_dir(work, "work_dir")
+        return True
     if resume:
         print(f"segreward: note: --resume: no checkpoint at {ckpt}; starting from scratch", file=sys.stderr)
     ensure_dir(work, "work_dir")
     for name in found:  # overwrite: the old run's files go first, so nothing of it mixes with the new one
         path = work / name
+        if name == "config.yaml" and any(same_file(src, path) for _, src in inputs):
+            continue  # an input with the very text about to be written (checked above)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
     return False
+
+
+# Settings a resumed run may change: they decide what is logged or evaluated, and when, not the
+# trajectory of the weights. Any other change would train on with a mix of two configs.
+RESUME_MAY_CHANGE = ("name", "work_dir", "data.val", "calibrate", "train.progress", "train.tensorboard",
+                     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.num_workers",
+                     "train.device")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """``(applied, refused)``: the settings (``key: old -> new``) in which the config ``now``
+    differs from the checkpoint's config ``saved``. ``train.iters`` may change under a constant
+    schedule only (poly and cosine decay over it)."""
+    old, new = _flat(saved), _flat(now)
+    applied, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            continue
+        ok = any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+        if key == "train.iters":
+            ok = now.get("optim", {}).get("schedule") == "constant"
+        (applied if ok else refused).append(f"{key}: {a} -> {b}")
+    return applied, refused
 
 
 class _Stage:
@@ -249,8 +302,12 @@ class _Stage:
     :meth:`run` (the step loop with evaluation and checkpoints), :meth:`finish` (the end of the
     stage: final weights and summary)."""
 
-    def __init__(self, cfg: Config, info: D.DistInfo, datasets: dict | None):
+    def __init__(self, cfg: Config, info: D.DistInfo, datasets: dict | None, inputs=()):
         self.cfg, self.info, self.given = cfg, info, datasets
+        files = [("model.checkpoint", cfg.model.checkpoint), ("loss.class_weight", cfg.loss.class_weight),
+                 ("loss.reward_class_weight", cfg.loss.reward_class_weight),
+                 ("calibrate.reward_class_weight", cfg.calibrate.reward_class_weight)]
+        self.inputs = [("the config file", str(p)) for p in inputs] + [(w, p) for w, p in files if isinstance(p, str)]
         self.tc = cfg.train
         self.work = Path(cfg.work_dir)
         self.ckpt_path = self.work / "checkpoints" / "last.pt"
@@ -270,6 +327,7 @@ class _Stage:
         torch.manual_seed(cfg.seed)
         self.train_set, self.val_sets = _build_datasets(cfg, self.given)
         self.snapshot = _snapshot(cfg, self.given)
+        self.snapshot_text = yaml.safe_dump(self.snapshot, sort_keys=False)
         self.num_classes, self.ignore_index, self.classes = dataset_info(self.train_set)
         if cfg.model.num_classes is not None and cfg.model.num_classes != self.num_classes:
             raise SegrewardError(f"model.num_classes={cfg.model.num_classes} but the training data has "
@@ -321,6 +379,7 @@ class _Stage:
         state = None
         if resume and self.ckpt_path.exists():
             state = load_checkpoint(self.ckpt_path)
+            self._check_config(state.get("config"))
             self._load_state(state)
             self.start = int(state["step"])
             rng = state["rng"]
@@ -328,13 +387,35 @@ class _Stage:
         else:
             # samples differ by rank; the model does not (DDP syncs it)
             torch.manual_seed(self.cfg.seed + 1000 * self.info.rank)
-        if self.start >= self.tc.iters:
+        finished = (self.work / "summary.json").exists() and (self.work / "model.safetensors").exists()
+        if self.start > self.tc.iters or (self.start == self.tc.iters and finished):
+            weights = self.work / "model.safetensors"
+            how = ("raise train.iters to continue it" if self.cfg.optim.schedule == "constant" else
+                   f"start a new run from its weights (model.checkpoint={weights}, another --work-dir): train.iters "
+                   f"cannot grow under optim.schedule={self.cfg.optim.schedule}, which decays over it")
             raise SegrewardError(f"{self.ckpt_path}: this run already finished ({self.start} of {self.tc.iters} "
-                                 "iterations); raise train.iters to continue it")
+                                 f"iterations); {how}")
         if self.cfg.pseudo_label.enabled:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
             if state is not None and "teacher" in state:
                 self.teacher.load_state_dict(state["teacher"])
+
+    def _check_config(self, saved) -> None:
+        """Refuse a resume whose config changes the training (lr, data, seed, size, schedule
+        length, ...); apply, and say so in one line, changes of what is logged or evaluated."""
+        if not isinstance(saved, dict):
+            return
+        applied, refused = resume_changes(saved, self.snapshot)
+        if refused:
+            extra = " (poly and cosine schedules decay over train.iters)" if any(
+                r.startswith("train.iters:") for r in refused) else ""
+            raise SegrewardError(f"{self.ckpt_path}: --resume with a changed config would train on with a mix of two "
+                                 f"runs: {'; '.join(refused[:4])}{' ...' if len(refused) > 4 else ''}{extra}; resume "
+                                 "with the run's config (its config.yaml), or start a new run (--overwrite or another "
+                                 "--work-dir)")
+        if applied and self.info.is_main:
+            print(f"segreward: note: --resume applies and records in config.yaml: {'; '.join(applied)}",
+                  file=sys.stderr)
 
     def _load_state(self, state: dict) -> None:
         """Load a checkpoint of this run; a model of another shape is one line naming the keys."""
@@ -371,7 +452,7 @@ class _Stage:
         error = None
         if info.is_main:
             try:
-                prepare_run_dir(self.work, resume, overwrite)
+                prepare_run_dir(self.work, resume, overwrite, self.inputs, self.snapshot_text)
             except SegrewardError as e:
                 error = e
         if D.broadcast_flag(error is not None, info):
@@ -380,7 +461,9 @@ class _Stage:
             from segreward.outputs import atomic_write_text
             from segreward.runlog import RunWriter
             self._created = [n for n in ("config.yaml", "vis_data") if not (self.work / n).exists()]
-            atomic_write_text(self.work / "config.yaml", yaml.safe_dump(self.snapshot, sort_keys=False))
+            config = self.work / "config.yaml"
+            if not (config.is_file() and config.read_text(errors="replace") == self.snapshot_text):
+                atomic_write_text(config, self.snapshot_text)
             self.writer = RunWriter(self.work, tensorboard=self.tc.tensorboard)
 
     def discard_if_empty(self) -> None:
@@ -536,15 +619,41 @@ class _Stage:
                     self._log_train(done, out, lr, since, data_time)
                     since, data_time = (time.perf_counter(), done), 0.0
                     bar.set_postfix(loss=f"{float(out['total']):.4f}", refresh=False)
-                if done % tc.eval_every == 0 or done == tc.iters:
-                    self.results = self.run_eval(done)
+                evaluate_now = done % tc.eval_every == 0 or done == tc.iters
+                checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.iters
+                if evaluate_now or checkpoint_now:
+                    self._check_weights(done)  # never save or score a model full of NaN
+                if checkpoint_now:  # before the evaluation, so a failing one costs no step
+                    self.save_checkpoint(done)
+                if evaluate_now:
+                    self._evaluate(done, saved=checkpoint_now)
                     first = next(iter(self.results.values()), None)
                     if first is not None:
                         bar.set_postfix(loss=f"{float(out['total']):.4f}", mIoU=f"{first['mIoU']:.2f}", refresh=False)
-                if done % tc.checkpoint_every == 0 or done == tc.iters:
-                    self.save_checkpoint(done)
+            if self.start == tc.iters:  # resumed after its last step: the final evaluation had failed
+                self._evaluate(tc.iters, saved=True)
         finally:
             bar.close()
+
+    def _evaluate(self, done: int, saved: bool) -> None:
+        """The evaluation at step ``done``; if it fails, the steps since the last checkpoint are
+        saved first (a failure never costs work a checkpoint can keep)."""
+        try:
+            self.results = self.run_eval(done)
+        except Exception:
+            if not saved:
+                self.save_checkpoint(done)
+            raise
+
+    def _check_weights(self, done: int) -> None:
+        bad = [n for n, p in self.model.state_dict().items()
+               if p.dtype.is_floating_point and not bool(torch.isfinite(p).all())]
+        if D.broadcast_flag(bool(bad), self.info):
+            kept = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists()
+                    else "no checkpoint was written yet")
+            raise SegrewardError(f"the model's weights became NaN or infinite at iteration {done} (e.g. "
+                                 f"{bad[0] if bad else 'on another rank'}); the run stopped and {kept}. Lower optim.lr, "
+                                 "set optim.grad_clip, or check the data")
 
     # --- the end of a stage: final weights and summary (a post-stage step goes after this) ---
     def finish(self) -> dict:
@@ -600,8 +709,10 @@ class _Stage:
 
 
 def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = None,
-           overwrite: bool = False) -> dict:
-    stage = _Stage(cfg, info, datasets)
+           overwrite: bool = False, inputs=()) -> dict:
+    from segreward.outputs import created_mark, discard_empty_dirs
+    mark = created_mark()
+    stage = _Stage(cfg, info, datasets, inputs)
     stage.setup()
     stage.restore(resume)
     stage.open_run_dir(resume, overwrite)
@@ -613,6 +724,8 @@ def _train(cfg: Config, resume: bool, info: D.DistInfo, datasets: dict | None = 
     except BaseException:
         stage.close()
         stage.discard_if_empty()
+        if info.is_main:
+            discard_empty_dirs(mark)  # a work_dir this run made and left empty
         raise
     stage.close()
     return result

@@ -63,8 +63,9 @@ def load_model(path: str | Path, **overrides: Any) -> nn.Module:
     """Rebuild a model saved by :func:`save_weights` from its recorded spec and load its weights."""
     _, meta = read_state_dict(path)
     if "model" not in meta or "num_classes" not in meta:
-        raise SegrewardError(f"{path}: no model spec in the file's metadata; build the model with build_model() "
-                             "and call load_weights(model, path)")
+        raise SegrewardError(f"{path}: weights without a model spec (not written by `segreward train` or "
+                             "save_weights); give a run directory or its model.safetensors (in Python: build_model() "
+                             "and load_weights(model, path))")
     options = {**meta.get("options", {}), **overrides}
     model = build_model(meta["model"], int(meta["num_classes"]), **options)
     load_weights(model, path)

@@ -28,9 +28,62 @@ from segreward.errors import SegrewardError
 _STRIP = ("module.", "_orig_mod.")
 
 
+_FORMATS = "a .pt/.pth file of torch.save(model.state_dict()), an mmseg checkpoint, or a .safetensors file"
+
+
+def not_a_checkpoint(path: Path, why: str, what: str = "weights file") -> SegrewardError:
+    """The one message for a file that is no checkpoint at all (text, YAML, a bare tensor, a folder)."""
+    return SegrewardError(f"{path}: not a checkpoint ({why}); give {what if what != 'weights file' else _FORMATS}")
+
+
+def _looks_like_text(path: Path) -> bool:
+    try:
+        head = path.read_bytes()[:512]
+        head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\x00" not in head
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (an 8-byte header length, then JSON)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def torch_load(path: Path, what: str = "weights file"):
+    """``torch.load(weights_only=True)`` whose failures are one line: not a checkpoint (text, YAML,
+    pickled Python objects, damaged), never torch's multi-line ``weights_only`` advice."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except IsADirectoryError:
+        raise not_a_checkpoint(path, "a folder", what) from None
+    except FileNotFoundError:
+        raise SegrewardError(f"{path}: {what} not found") from None
+    except PermissionError as e:
+        raise SegrewardError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except pickle.UnpicklingError as e:
+        if _looks_like_text(path):
+            raise not_a_checkpoint(path, "a text file", what) from None
+        if "Weights only load failed" in str(e) and "GLOBAL" in str(e).upper():
+            raise not_a_checkpoint(path, "it holds Python objects other than tensors and plain data, which are not "
+                                   "loaded for safety", what) from None
+        raise not_a_checkpoint(path, "not a torch file, or a damaged one", what) from None
+    except Exception:  # noqa: BLE001 - torch raises many types (RuntimeError, KeyError, EOFError, ...) on junk
+        why = ("a text file" if _looks_like_text(path) else "a safetensors weights file" if is_safetensors(path)
+               else "not a torch file, or a damaged one")
+        raise not_a_checkpoint(path, why, what) from None
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` from a weights file (see the module doc for the formats)."""
     path = Path(path)
+    if path.is_dir():
+        raise not_a_checkpoint(path, "a folder")
     if not path.is_file():
         raise SegrewardError(f"{path}: weights file not found")
     meta: dict[str, Any] = {}
@@ -42,21 +95,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             with safe_open(str(path), framework="pt") as f:
                 raw = f.metadata() or {}
         except Exception as e:  # safetensors raises its own SafetensorError / OSError
-            raise SegrewardError(f"{path}: cannot read the safetensors file ({e})") from None
+            why = "a text file" if _looks_like_text(path) else f"not a readable safetensors file: {e}"
+            raise not_a_checkpoint(path, why) from None
         if "segreward" in raw:
             try:
                 meta = json.loads(raw["segreward"])
             except json.JSONDecodeError:
                 meta = {}
         return sd, meta
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SegrewardError(f"{path}: refused to unpickle objects other than tensors and plain data "
-                             f"(weights_only=True): {str(e).splitlines()[0]}; save a plain state dict "
-                             "(model.state_dict()) or a .safetensors file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SegrewardError(f"{path}: cannot read the weights file ({e}); is it a torch checkpoint?") from None
+    obj = torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd, meta = obj["state_dict"], obj.get("meta") or {}
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -64,10 +111,11 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     elif isinstance(obj, dict):
         sd = obj
     else:
-        raise SegrewardError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise not_a_checkpoint(path, f"it holds a {type(obj).__name__}, not a state dict (names -> tensors)")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise SegrewardError(f"{path}: not a state dict: entries {bad[:3]} are not tensors")
+    if bad or not sd:
+        why = f"entries {bad[:3]} are not tensors" if bad else "it holds no tensors"
+        raise not_a_checkpoint(path, f"{why}; a state dict maps names to tensors")
     return dict(sd), dict(meta) if isinstance(meta, dict) else {}
 
 

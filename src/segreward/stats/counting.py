@@ -405,8 +405,10 @@ def _int_list(value: Any, key: str, source: str, n: int | None = None) -> list[i
 # --------------------------------------------------------------------------- files
 
 
-def find_label_files(root: str | Path, suffix: str = ".png", recursive: bool = True) -> list[Path]:
-    """Label files under ``root`` whose names end with ``suffix`` (sorted); ``root`` may be a file."""
+def find_label_files(root: str | Path, suffix: str = ".png", recursive: bool = True,
+                     exclude: Iterable[str | Path] = ()) -> list[Path]:
+    """Label files under ``root`` whose names end with ``suffix`` (sorted), but those in
+    ``exclude``; ``root`` may be a file."""
     root = Path(root)
     if root.is_file():
         return [root]
@@ -414,7 +416,8 @@ def find_label_files(root: str | Path, suffix: str = ".png", recursive: bool = T
         raise SegrewardError(f"{root}: folder not found; give the folder that holds the label maps")
     pattern = f"*{suffix}"
     found = root.rglob(pattern) if recursive else root.glob(pattern)
-    files = sorted(p for p in found if p.is_file())
+    skip = {Path(p).resolve() for p in exclude}
+    files = sorted(p for p in found if p.is_file() and p.resolve() not in skip)
     if not files:
         how = "recursively" if recursive else "not recursively"
         raise SegrewardError(f"{root}: no files ending in {suffix!r} (searched {how}); check the folder "
@@ -499,6 +502,7 @@ def class_frequencies(
     class_names: Sequence[str] | None = None,
     workers: int | None = None,
     progress: bool | None = True,
+    exclude: Iterable[str | Path] = (),
     **spec_kwargs: Any,
 ) -> ClassFrequencies:
     """Count pixels per class in every label file under ``root`` (or in a list of files).
@@ -507,7 +511,8 @@ def class_frequencies(
     (``num_classes``, ``ignore_index``, ``reduce_zero_label``, ``label_map``, ``map_unlisted``,
     ``palette``, ``dataset``, ``strict``, ``skip_bad``). ``workers`` processes count in
     parallel (default: every core; 1 counts in this process). ``progress=None`` shows the bar
-    only on a terminal. Without ``num_classes`` (and
+    only on a terminal. ``exclude``: files under ``root`` that are not label maps (e.g. this
+    command's own outputs, such as a frequencies.png written into ``root``). Without ``num_classes`` (and
     no dataset), the number of classes is the largest counted value + 1.
 
     Bad files (unreadable, or with values out of range under ``strict``) stop the run with a
@@ -527,7 +532,7 @@ def class_frequencies(
             spec = replace(spec, num_classes=len(class_names))
         _class_names(class_names, spec.num_classes)  # fail before counting, not after
     if isinstance(root, (str, Path)):
-        files = find_label_files(root, suffix, recursive)
+        files = find_label_files(root, suffix, recursive, exclude)
         where = str(root)
     else:
         files = [Path(p) for p in root]
