@@ -582,6 +582,15 @@ def choose_lr(cells: dict) -> tuple[float | None, list[int]]:
     return best, common
 
 
+def references(protocol: str, method: str) -> list[str]:
+    """What a row is compared with: the protocol's reference, ``ce`` and ``lovasz``; a calibrated
+    pipeline also with their calibrated pipelines (like for like)."""
+    refs = [REFERENCE[protocol], "ce", "lovasz"]
+    if method.endswith(CAL):
+        refs += [r + CAL for r in refs]
+    return list(dict.fromkeys(refs))
+
+
 def paired(diffs: list[float]) -> dict:
     """Mean, std, 95% interval (Student t) of seed-paired differences, and the smallest paired
     effect this n detects (two-sided 5% test, 80% power) at the observed spread."""
@@ -625,7 +634,7 @@ def summarize(runs: list[dict]) -> dict:
             row[f"{side}_mean"], row[f"{side}_std"] = _mean_std([r[f"{side}_mIoU"] for r in rs])
         row["target_IoU"] = [round(float(v), 2) for v in np.mean([r["target_IoU"] for r in rs], 0)]
         row["vs"] = {}
-        for ref in dict.fromkeys([REFERENCE[p], "ce", "lovasz"]):
+        for ref in references(p, m):
             if ref == m or (p, b, ref) not in groups:
                 continue
             ref_rows = groups[(p, b, ref)][best[(p, b, ref)][0]]
@@ -668,7 +677,9 @@ def goal(rows: list[dict], protocol: str = "after_ce", budget: int | None = None
     ce, lz = best["vs"].get("ce"), best["vs"].get("lovasz")
     ok_ce, ok_lz = ok(ce, over_ce), ok(lz, over_lovasz)
     return {"protocol": protocol, "budget": budget, "best": best["method"], "lr": best["lr"],
-            "vs_ce": brief(ce), "vs_lovasz": brief(lz), "met_vs_ce": ok_ce, "met_vs_lovasz": ok_lz,
+            "vs_ce": brief(ce), "vs_lovasz": brief(lz),
+            "vs_ce_cal": brief(best["vs"].get("ce" + CAL)), "vs_lovasz_cal": brief(best["vs"].get("lovasz" + CAL)),
+            "met_vs_ce": ok_ce, "met_vs_lovasz": ok_lz,
             "met": ok_ce and ok_lz,
             "criterion": f"Δ vs ce >= {over_ce:g} and Δ vs lovasz >= {over_lovasz:g}, each seed-paired with n >= "
                          f"{min_seeds}, 95% interval above 0 and half-width <= {max_half_width:g}"}
@@ -759,14 +770,17 @@ def markdown(result: dict) -> str:
         for g in goals:
             lines.append(f"- budget {g['budget']}: criterion {g['criterion']}. Best reward-optimising pipeline by "
                          f"mean selection mIoU: **{g['best']}** (lr {_lr(g['lr'])}): Δ vs ce {fmt(g['vs_ce'])}, Δ vs "
-                         f"lovasz {fmt(g['vs_lovasz'])} -> **{'met' if g['met'] else 'not met'}**.")
+                         f"lovasz {fmt(g['vs_lovasz'])} -> **{'met' if g['met'] else 'not met'}**"
+                         + (f"; like for like, Δ vs ce+cal {fmt(g.get('vs_ce_cal'))}, vs lovasz+cal "
+                            f"{fmt(g.get('vs_lovasz_cal'))}" if g.get("vs_ce_cal") or g.get("vs_lovasz_cal") else "")
+                         + ".")
         lines.append("")
     classes = cfg["classes"]
     for p, b in _sections(summ):
         rows = sorted((r for r in summ["rows"] if r["protocol"] == p and r.get("budget") == b),
                       key=lambda r: -r["target_mean"])
         cells = [c for c in summ["cells"] if c["protocol"] == p and c.get("budget") == b]
-        refs = [x for x in dict.fromkeys([REFERENCE[p], "ce", "lovasz"]) if any(r["method"] == x for r in rows)]
+        refs = [x for x in references(p, "x" + CAL) if any(r["method"] == x for r in rows)]
         lines += [f"## {p}" + (f", {b} labelled target frames" if b is not None else ""), "",
                   f"Target mIoU = {scored}.", "",
                   "| method | lr | n | target mIoU | " + " | ".join(f"Δ vs {x} [95%] | detectable" for x in refs)
