@@ -114,6 +114,9 @@ def test_trainer_calibrate_step(tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["val_calibrated"]["dusk"]["mIoU"] >= summary["val"]["dusk"]["mIoU"]
     assert summary["calibration"]["cv"]["k"] == 3
+    data = json.loads((work / "offsets.json").read_text())["data"]
+    assert data["set"] == "dusk" and data["spec"] == DUSK and data["images"] == 6 and data["labelled_pixels"] > 0
+    assert summary["calibration"]["data"] == data
     uncalibrated = load_model(work / "model.safetensors").eval()
     calibrated = load_model(work / "model_calibrated.safetensors").eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -141,3 +144,48 @@ def test_trainer_calibrate_settings_fail_before_any_write(tmp_path, section, nee
                                 "calibrate": {"enabled": True, **section}})
         train(cfg)
     assert not work.exists()
+
+
+def test_calibrate_says_what_data_it_used(run_dir, tmp_path, capsys):
+    """A dataset spec: named in offsets.json and the summary, no warning. A run config: its
+    evaluation set is used, and a warning says so."""
+    spec = tmp_path / "dusk.yaml"
+    spec.write_text(json.dumps(DUSK))
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(out), "--kfold", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    assert f"fitted on {spec} (dataset spec, type synthetic, split val): 6 images, " in captured.out
+    data = json.loads((out / "offsets.json").read_text())["data"]
+    assert data["spec"] == DUSK and data["images"] == 6 and data["kind"] == "dataset spec"
+    assert data["labelled_pixels"] == int((build_data(DUSK).labels != 255).sum())
+    assert f"{data['labelled_pixels']:,} labelled pixels" in captured.out
+    assert main(["calibrate", str(run_dir), str(run_dir / "config.yaml"), "--out", str(tmp_path / "cal2"),
+                 "--kfold", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "data.val.val" in captured.err and "in-sample" in captured.err
+    data = json.loads((tmp_path / "cal2" / "offsets.json").read_text())["data"]
+    assert data["kind"] == "run config" and data["set"] == "val" and data["spec"] == DUSK
+
+
+def test_the_example_dataset_specs_load(tmp_path, monkeypatch):
+    """configs/data/*.yaml as the README shows them: the synthetic ones build as they are, the
+    folder one on a folder laid out where it says."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from segreward.engine.resolve import resolve_data
+    configs = Path(__file__).resolve().parents[1] / "configs" / "data"
+    for name, n in (("synthetic_dusk_val.yaml", 64), ("synthetic_dusk_labelled.yaml", 32)):
+        choice = resolve_data(configs / name)
+        assert len(choice.dataset) == n and choice.dataset[0][1].shape == (64, 128)
+    monkeypatch.chdir(tmp_path)
+    for sub in ("img_dir/val", "ann_dir/val"):
+        (tmp_path / "data" / "my_target" / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data/my_target/img_dir/val/a.jpg")
+    Image.fromarray(np.full((8, 8), 4, np.uint8)).save(tmp_path / "data/my_target/ann_dir/val/a.png")
+    choice = resolve_data(configs / "folder_example.yaml")
+    assert len(choice.dataset) == 1 and len(choice.dataset.meta.classes) == 7
+    assert choice.info["spec"]["root"] == "data/my_target"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub) -> None:
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
                            class_weights=args.class_weights, mode=args.mode, kfold=args.kfold, bound=args.bound,
                            max_sweeps=args.max_sweeps, batch_size=args.batch_size, device=args.device,
                            progress=args.progress)
+    for warning in result["warnings"]:
+        print(f"segreward calibrate: warning: {warning}", file=sys.stderr)
     print(result["report"])
     print(f"offsets: {result['offsets']}")
     print(f"calibrated weights: {result['weights']}")
