@@ -27,5 +27,8 @@ def run(args) -> int:
     result = run_demo(args.out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress,
                       method=args.method or DEFAULT_METHOD)
     print(result["table"])
-    print(f"report: {result['report']}  ({result['runtime_s'] / 60:.1f} min)")
+    print()
+    print(result["next"])
+    print(f"report: {result['report']}  ({result['runtime_s'] / 60:.1f} min wall, {result['cpu_s'] / 60:.1f} CPU-min, "
+          f"{result['threads']} thread(s))")
     return 0
