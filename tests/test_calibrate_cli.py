@@ -189,3 +189,17 @@ def test_the_example_dataset_specs_load(tmp_path, monkeypatch):
     choice = resolve_data(configs / "folder_example.yaml")
     assert len(choice.dataset) == 1 and len(choice.dataset.meta.classes) == 7
     assert choice.info["spec"]["root"] == "data/my_target"
+
+
+def test_the_readme_shows_the_example_specs_as_they_are():
+    """Each ```yaml block of the README headed `# configs/data/NAME` parses to that file's content."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```yaml\n# (configs/data/[\w.]+):.*?\n(.*?)```", (root / "README.md").read_text(), re.S)
+    assert {name for name, _ in blocks} == {"configs/data/synthetic_dusk_labelled.yaml",
+                                            "configs/data/folder_example.yaml"}
+    for name, body in blocks:
+        assert yaml.safe_load(body) == yaml.safe_load((root / name).read_text()), name
