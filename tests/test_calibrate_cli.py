@@ -67,15 +67,6 @@ def test_calibrate_never_overwrites_without_asking(run_dir, tmp_path, capsys):
     assert json.loads((out / "offsets.json").read_text())["mode"] == "streaming"
 
 
-def _folder(root):
-    import numpy as np
-    from PIL import Image
-    (root / "img_dir").mkdir(parents=True)
-    (root / "ann_dir").mkdir()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "img_dir" / "a.jpg")
-    Image.fromarray(np.full((16, 16), 2, np.uint8)).save(root / "ann_dir" / "a.png")
-
-
 @pytest.mark.parametrize("args,needle", [
     (["{run}/nope", "{spec}"], "no such run directory"),
     (["{tmp}", "{spec}"], "no model.safetensors"),
@@ -85,13 +76,10 @@ def _folder(root):
     (["{run}", "{spec}", "--device", "gpu0"], "gpu0"),
     (["{run}", "{spec8}"], "num_classes"),
 ])
-def test_bad_calibrate_input_is_one_line(run_dir, tmp_path, capsys, args, needle):
+def test_bad_calibrate_input_is_one_line(run_dir, tmp_path, capsys, five_class_spec, args, needle):
     spec = tmp_path / "dusk.yaml"
     spec.write_text(json.dumps(DUSK))
-    spec8 = tmp_path / "other.yaml"  # a dataset with other classes (5) than the model (8)
-    _folder(tmp_path / "five")
-    spec8.write_text(json.dumps({"type": "folder", "root": str(tmp_path / "five"), "classes": 5}))
-    argv = [a.format(run=run_dir, spec=spec, tmp=tmp_path, spec8=spec8) for a in args]
+    argv = [a.format(run=run_dir, spec=spec, tmp=tmp_path, spec8=five_class_spec) for a in args]
     assert main(["calibrate", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1

@@ -109,16 +109,8 @@ def test_a_run_config_evaluates_its_val_set(run_dir, capsys):
     (["{run}", "{run}/config.yaml", "--split", "nope"], "no data.val set 'nope'"),
     (["{run}", "{spec5}"], "num_classes"),
 ])
-def test_bad_evaluate_input_is_one_line(run_dir, tmp_path, capsys, args, needle):
-    from PIL import Image
-    root = tmp_path / "five"
-    (root / "img_dir").mkdir(parents=True)
-    (root / "ann_dir").mkdir()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "img_dir" / "a.jpg")
-    Image.fromarray(np.full((16, 16), 2, np.uint8)).save(root / "ann_dir" / "a.png")
-    spec5 = tmp_path / "five.yaml"
-    spec5.write_text(json.dumps({"type": "folder", "root": str(root), "classes": 5}))
-    argv = [a.format(run=run_dir, spec=spec_file(tmp_path), tmp=tmp_path, spec5=spec5) for a in args]
+def test_bad_evaluate_input_is_one_line(run_dir, tmp_path, capsys, five_class_spec, args, needle):
+    argv = [a.format(run=run_dir, spec=spec_file(tmp_path), tmp=tmp_path, spec5=five_class_spec) for a in args]
     assert main(["evaluate", *argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
