@@ -26,8 +26,15 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     for png in ("miou_curves.png", "examples.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     report = (tmp_path / "report.md").read_text()
-    assert "miou_curves.png" in report and "## What next" in report and "segreward evaluate" in report
-    assert "CPU-min" in report and "thread" in report
+    assert "miou_curves.png" in report and "## What next" in report and "CPU-min" in report and "thread" in report
+    # The report's "What next" evaluate command, as written, reproduces the table's number.
+    import re
+    import shlex
+    command = re.search(r"`segreward (evaluate [^`]+)`", report).group(1)
+    capsys.readouterr()
+    assert main([*shlex.split(command), "--json", "--no-progress"]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    assert abs(scores["mIoU"] - stages["reward_tuned+cal"]["target"]["mIoU"]) < 1e-6
 
 
 def test_demo_method_option_and_bad_method(tmp_path, capsys):

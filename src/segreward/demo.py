@@ -213,21 +213,23 @@ def comparisons(stages) -> list[tuple[str, str, str]]:
     return [(row, base, what) for row, base, what in pairs if row in stages and base in stages]
 
 
-def next_steps(out: Path, seed: int, seeds_run: int, method: str) -> str:
-    """What a user can do next, with the paths this run wrote."""
+def next_steps(out: Path, seed: int, seeds_run: int, method: str, heldout: Path, labelled: Path) -> str:
+    """What a user can do next, with the paths this run wrote (``heldout``, ``labelled``: the
+    dataset specs of the seed's held-out and labelled dusk images)."""
     run = out / f"seed{seed}"
     more = "" if seeds_run > 1 else ("- Run more seeds before trusting a difference: "
                                      f"`segreward demo --seeds 0 1 2 --out {out}` (about 3x the time).\n")
     return (f"## What next\n\n"
             f"- The weights: `{run}/<stage>/model.safetensors`, calibrated: "
-            f"`{run}/<stage>/model_calibrated.safetensors` (offsets and the data they were fitted on: "
-            f"`offsets.json` beside them).\n"
+            f"`{run}/<stage>/model_calibrated.safetensors` (`offsets.json` beside them names the data the "
+            f"offsets were fitted on).\n"
             f"- Score one on the held-out dusk images: `segreward evaluate {run}/reward_tuned/model_calibrated.safetensors "
-            f"configs/data/synthetic_dusk_val.yaml`.\n"
+            f"{heldout}`; calibrate a stage yourself: `segreward calibrate {run}/extra_ce {labelled} --out "
+            f"{out}/my_calibration`.\n"
             f"- Calibrate your own model on your labelled images (a dataset spec as in "
-            f"`configs/data/folder_example.yaml`): `segreward calibrate runs/my_run my_labelled.yaml`, then "
-            f"`segreward evaluate runs/my_run/calibrated/model.safetensors my_heldout.yaml` on images it was "
-            f"not fitted on.\n" + more
+            f"`configs/data/folder_example.yaml` of the repository): `segreward calibrate runs/my_run my_labelled.yaml`, "
+            f"then `segreward evaluate runs/my_run/calibrated/model.safetensors my_heldout.yaml` on images it was not "
+            f"fitted on.\n" + more
             + (f"- Another reward-tuning method: `segreward demo --method NAME` (one of {', '.join(METHODS)}; "
                f"this run: `{method}`).\n"))
 
@@ -335,7 +337,13 @@ def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, pro
     atomic_save(out / "examples.png", lambda tmp: _plot_examples(first, s, int(seeds[0]), tmp))
     command = ("segreward demo" + (" --quick" if quick else "") + (f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != (0,) else "")
                + (f" --method {method}" if method != DEFAULT_METHOD else ""))
-    nxt = next_steps(out, int(seeds[0]), len(seeds), s.method)
+    import yaml
+    specs = {"heldout": _data(s, int(seeds[0]))["val"]["target"], "labelled": _calibration(s, int(seeds[0]))["data"]}
+    spec_files = {}
+    for name, spec in specs.items():  # dataset specs of this run's dusk sets, for evaluate / calibrate
+        spec_files[name] = ensure_dir(out / "data", "--out") / f"dusk_{name}_seed{seeds[0]}.yaml"
+        atomic_write_text(spec_files[name], yaml.safe_dump(spec, sort_keys=False))
+    nxt = next_steps(out, int(seeds[0]), len(seeds), s.method, spec_files["heldout"], spec_files["labelled"])
     report = out / "report.md"
     atomic_write_text(report,
         f"# segreward demo\n\nCommand: `{command}` — {runtime / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, "
