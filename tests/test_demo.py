@@ -38,15 +38,23 @@ def test_demo_quick_writes_report(tmp_path, capsys):
 
 
 def test_demo_method_option_and_bad_method(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--seeds", "0", "1",
-                 "--method", "reinforce_loo_ce"]) == 0
+    import torch
+    before = torch.get_num_threads()
+    try:
+        assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--seeds", "0", "1",
+                     "--method", "reinforce_loo_ce", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
     out = capsys.readouterr().out
     assert "seed-paired" in out and "seeds [0, 1]" in out and "±" in out
     report = (tmp_path / "report.md").read_text()
-    assert "--method reinforce_loo_ce" in report and "`reinforce_loo_ce`" in report
+    assert "--method reinforce_loo_ce" in report and "`reinforce_loo_ce`" in report and "--threads 1`" in report
+    assert json.loads((tmp_path / "results.json").read_text())["threads"] == 1
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--method", "nope"]) != 0
     err = capsys.readouterr().err
     assert "nope" in err and "local_batch_ce" in err
+    assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 def test_demo_methods_benchmark_compares_every_method_with_extra_ce(tmp_path):
