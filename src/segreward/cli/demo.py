@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on embedded synthetic data (no download, ~1 min on 2 CPU cores)",
+    p = sub.add_parser("demo", help="the whole pipeline on embedded synthetic data (no download; a few CPU-minutes, see the README)",
                        description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (mean ± std when several)")
