@@ -114,3 +114,21 @@ def test_bad_evaluate_input_is_one_line(run_dir, tmp_path, capsys, five_class_sp
     assert main(["evaluate", *argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_a_plain_folder_takes_the_model_classes(run_dir, tmp_path, capsys):
+    """An mmseg-layout folder has no class list: the model's classes are used (and recorded), and
+    the scores equal those of a folder spec that names them."""
+    from PIL import Image
+    dataset = build_data(DUSK)
+    for sub in ("img_dir", "ann_dir"):
+        (tmp_path / "f" / sub).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(dataset.images[i]).save(tmp_path / "f" / "img_dir" / f"{i}.jpg")
+        Image.fromarray(dataset.labels[i].astype(np.uint8)).save(tmp_path / "f" / "ann_dir" / f"{i}.png")
+    assert main(["evaluate", str(run_dir), str(tmp_path / "f"), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"]["kind"] == "folder" and out["data"]["spec"]["classes"] == list(dataset.classes)
+    spec = spec_file(tmp_path, {"type": "folder", "root": str(tmp_path / "f"), "classes": list(dataset.classes)})
+    assert main(["evaluate", str(run_dir), str(spec), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"] == out["scores"]

@@ -145,7 +145,7 @@ def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, ov
         raise SegrewardError(f"--kfold must be 0 (off) or >= 2, got {kfold}")
     dev = resolve_device(device)
     net, weights, classes = resolve_model(model)
-    choice = resolve_data(data, split, fmt, size, command="calibrate")
+    choice = resolve_data(data, split, fmt, size, command="calibrate", classes=classes)
     dataset = choice.dataset
     num_classes, _, data_classes = dataset_info(dataset)
     if out is None:

@@ -59,7 +59,7 @@ def evaluate_cli(model, data, split=None, fmt="folder", size=None, batch_size=8,
         raise SegrewardError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
     dev = resolve_device(device)
     net, weights, classes = resolve_model(model)
-    choice = resolve_data(data, split, fmt, size, command="evaluate")
+    choice = resolve_data(data, split, fmt, size, command="evaluate", classes=classes)
     num_classes, ignore_index, data_classes = dataset_info(choice.dataset)
     model_classes = getattr(net, "num_classes", None)
     if isinstance(model_classes, int) and model_classes != num_classes:

@@ -78,15 +78,19 @@ def _plain(spec: dict) -> dict:
 
 
 def resolve_data(data: str | Path, split: str | None = None, fmt: str = "folder", size=None,
-                 command: str = "calibrate") -> DataChoice:
+                 command: str = "calibrate", classes=None) -> DataChoice:
     """A labelled set (no augmentation) from a folder, a dataset spec YAML, or a run config YAML
-    (its first ``data.val`` set, or the one ``split`` names, or ``data.train`` with ``split="train"``)."""
+    (its first ``data.val`` set, or the one ``split`` names, or ``data.train`` with ``split="train"``).
+    ``classes``: the model's class names, the classes of a plain folder (format ``folder``), which
+    holds none of its own."""
     from segreward.engine.builders import build_data
     from segreward.engine.config import config_from_dict, read_yaml
     p = Path(data)
     extra = {**({"split": split} if split else {}), **({"size": tuple(size)} if size else {})}
     if p.is_dir():
         spec = {"type": fmt, "root": str(p), **extra}
+        if classes and fmt.lower() in ("folder", "mmseg"):
+            spec["classes"] = list(classes)
         return _choice(build_data(spec), p, "folder", spec)
     tree = read_yaml(p, "dataset spec or run config")
     if not isinstance(tree, dict):
