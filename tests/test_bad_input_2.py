@@ -257,7 +257,8 @@ def _(base, tmp):
 def _(base, tmp):
     for d in ("img_dir/val", "ann_dir/val"):
         (tmp / "mm" / d).mkdir(parents=True)
-    return ["calibrate", base / "run", tmp / "mm", "--out", tmp / "cal"]
+    # a folder's classes come from --classes (else from the model): a malformed value names the option
+    return ["calibrate", base / "run", tmp / "mm", "--classes", "road", "--out", tmp / "cal"]
 
 
 @case("msg", "train-no-arguments", "required: CONFIG")

@@ -67,15 +67,6 @@ def test_calibrate_never_overwrites_without_asking(run_dir, tmp_path, capsys):
     assert json.loads((out / "offsets.json").read_text())["mode"] == "streaming"
 
 
-def _folder(root):
-    import numpy as np
-    from PIL import Image
-    (root / "img_dir").mkdir(parents=True)
-    (root / "ann_dir").mkdir()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "img_dir" / "a.jpg")
-    Image.fromarray(np.full((16, 16), 2, np.uint8)).save(root / "ann_dir" / "a.png")
-
-
 @pytest.mark.parametrize("args,needle", [
     (["{run}/nope", "{spec}"], "no such run directory"),
     (["{tmp}", "{spec}"], "no model.safetensors"),
@@ -85,13 +76,10 @@ def _folder(root):
     (["{run}", "{spec}", "--device", "gpu0"], "gpu0"),
     (["{run}", "{spec8}"], "num_classes"),
 ])
-def test_bad_calibrate_input_is_one_line(run_dir, tmp_path, capsys, args, needle):
+def test_bad_calibrate_input_is_one_line(run_dir, tmp_path, capsys, five_class_spec, args, needle):
     spec = tmp_path / "dusk.yaml"
     spec.write_text(json.dumps(DUSK))
-    spec8 = tmp_path / "other.yaml"  # a dataset with other classes (5) than the model (8)
-    _folder(tmp_path / "five")
-    spec8.write_text(json.dumps({"type": "folder", "root": str(tmp_path / "five"), "classes": 5}))
-    argv = [a.format(run=run_dir, spec=spec, tmp=tmp_path, spec8=spec8) for a in args]
+    argv = [a.format(run=run_dir, spec=spec, tmp=tmp_path, spec8=five_class_spec) for a in args]
     assert main(["calibrate", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
@@ -114,6 +102,9 @@ def test_trainer_calibrate_step(tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["val_calibrated"]["dusk"]["mIoU"] >= summary["val"]["dusk"]["mIoU"]
     assert summary["calibration"]["cv"]["k"] == 3
+    data = json.loads((work / "offsets.json").read_text())["data"]
+    assert data["set"] == "dusk" and data["spec"] == DUSK and data["images"] == 6 and data["labelled_pixels"] > 0
+    assert summary["calibration"]["data"] == data
     uncalibrated = load_model(work / "model.safetensors").eval()
     calibrated = load_model(work / "model_calibrated.safetensors").eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -141,3 +132,62 @@ def test_trainer_calibrate_settings_fail_before_any_write(tmp_path, section, nee
                                 "calibrate": {"enabled": True, **section}})
         train(cfg)
     assert not work.exists()
+
+
+def test_calibrate_says_what_data_it_used(run_dir, tmp_path, capsys):
+    """A dataset spec: named in offsets.json and the summary, no warning. A run config: its
+    evaluation set is used, and a warning says so."""
+    spec = tmp_path / "dusk.yaml"
+    spec.write_text(json.dumps(DUSK))
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(run_dir), str(spec), "--out", str(out), "--kfold", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    assert f"fitted on {spec} (dataset spec, type synthetic, split val): 6 images, " in captured.out
+    data = json.loads((out / "offsets.json").read_text())["data"]
+    assert data["spec"] == DUSK and data["images"] == 6 and data["kind"] == "dataset spec"
+    assert data["labelled_pixels"] == int((build_data(DUSK).labels != 255).sum())
+    assert f"{data['labelled_pixels']:,} labelled pixels" in captured.out
+    assert main(["calibrate", str(run_dir), str(run_dir / "config.yaml"), "--out", str(tmp_path / "cal2"),
+                 "--kfold", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "data.val.val" in captured.err and "in-sample" in captured.err
+    data = json.loads((tmp_path / "cal2" / "offsets.json").read_text())["data"]
+    assert data["kind"] == "run config" and data["set"] == "val" and data["spec"] == DUSK
+
+
+def test_the_example_dataset_specs_load(tmp_path, monkeypatch):
+    """configs/data/*.yaml as the README shows them: the synthetic ones build as they are, the
+    folder one on a folder laid out where it says."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from segreward.engine.resolve import resolve_data
+    configs = Path(__file__).resolve().parents[1] / "configs" / "data"
+    for name, n in (("synthetic_dusk_val.yaml", 64), ("synthetic_dusk_labelled.yaml", 32)):
+        choice = resolve_data(configs / name)
+        assert len(choice.dataset) == n and choice.dataset[0][1].shape == (64, 128)
+    monkeypatch.chdir(tmp_path)
+    for sub in ("img_dir/val", "ann_dir/val"):
+        (tmp_path / "data" / "my_target" / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data/my_target/img_dir/val/a.jpg")
+    Image.fromarray(np.full((8, 8), 4, np.uint8)).save(tmp_path / "data/my_target/ann_dir/val/a.png")
+    choice = resolve_data(configs / "folder_example.yaml")
+    assert len(choice.dataset) == 1 and len(choice.dataset.meta.classes) == 7
+    assert choice.info["spec"]["root"] == "data/my_target"
+
+
+def test_the_readme_shows_the_example_specs_as_they_are():
+    """Each ```yaml block of the README headed `# configs/data/NAME` parses to that file's content."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```yaml\n# (configs/data/[\w.]+):.*?\n(.*?)```", (root / "README.md").read_text(), re.S)
+    assert {name for name, _ in blocks} == {"configs/data/synthetic_dusk_labelled.yaml",
+                                            "configs/data/folder_example.yaml"}
+    for name, body in blocks:
+        assert yaml.safe_load(body) == yaml.safe_load((root / name).read_text()), name

@@ -121,3 +121,34 @@ def test_cli_plot_and_clean(tmp_path, capsys):
     assert (tmp_path / "csv" / "loss.csv").exists()
     assert main(["logs", "plot", str(a), "--trend", "1,2", "--out", str(tmp_path / "q.png")]) == 2
     assert "four numbers" in capsys.readouterr().err
+
+
+def _loss_tick_labels(tmp_path, name, losses):
+    path = tmp_path / name
+    path.mkdir()
+    with open(path / "scalars.json", "w") as f:
+        for i, v in enumerate(losses, 1):
+            f.write(json.dumps({"lr": 0.01, "loss": v, "step": 10 * i}) + "\n")
+        f.write(json.dumps({"mIoU": 50.0, "step": 10 * len(losses)}) + "\n")
+    fig = plot_runs([path], smoothing=0)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    lax = fig.axes[1]
+    labels = [t.get_text().replace("\u2212", "-") for t in lax.get_yticklabels() if t.get_text()]
+    lo, hi = lax.get_ylim()
+    visible = [t for t, v in zip(lax.get_yticklabels(), lax.get_yticks()) if lo <= v <= hi and t.get_text()]
+    return lax.get_yscale(), labels, len(visible)
+
+
+@pytest.mark.parametrize("losses,scale", [
+    (list(np.linspace(0.5, 0.3, 20)), "linear"),  # within a decade: no lone "3x10^-1" minor labels
+    (list(np.linspace(-0.02, 0.01, 20)), "linear"),  # a reward loss around zero
+    (list(np.geomspace(2.0, 0.01, 20)), "log"),  # over two decades
+])
+def test_loss_axis_has_readable_ticks(tmp_path, losses, scale):
+    got_scale, labels, visible = _loss_tick_labels(tmp_path, "r", losses)
+    assert got_scale == scale
+    assert visible >= 2  # at least two labelled values in view
+    for text in labels:  # plain numbers: no mathtext (10^x), no offset or scale factor
+        float(text)
+        assert "$" not in text and "e" not in text.lower()

@@ -224,3 +224,46 @@ def test_tensorboard_events_give_the_same_tables(tmp_path):
     np.testing.assert_allclose(run.loss["loss"], [1.0 / s for s in range(50, 401, 50)], rtol=1e-6)
     assert run.metrics.columns.tolist() == ["step", "mIoU", "aAcc"]
     assert run.metrics["mIoU"].tolist() == [10.0, 20.0]
+
+
+def test_a_record_sharing_a_step_with_an_evaluation_never_hides_it(tmp_path):
+    """A calibration line after the final evaluation (same step), and an extra-scalar line:
+    each key keeps its last value, keys a line does not have survive."""
+    lines = [train_line(100, 1.0), val_line(100, 50.0), train_line(150, 0.5), val_line(150, 57.35),
+             {"calibration/reward_after": 0.58, "calibrated/mIoU": 58.0, "step": 150},
+             {"extra": 3.0, "step": 100}]
+    run = load_run(write(tmp_path / "r" / "scalars.json", lines))
+    m = run.metrics.set_index("step")
+    assert m.index.tolist() == [100, 150]
+    assert m.loc[150, "mIoU"] == 57.35 and m.loc[150, "calibrated/mIoU"] == 58.0
+    assert m.loc[100, "mIoU"] == 50.0 and m.loc[100, "extra"] == 3.0
+    # A later line's own values still win (a resumed run logging the step again).
+    run = load_run(write(tmp_path / "s" / "scalars.json", [val_line(150, 1.0), val_line(150, 2.0)]))
+    assert run.metrics["mIoU"].tolist() == [2.0]
+
+
+def test_a_calibrated_training_run_reads_back_its_final_evaluation(tmp_path):
+    """A real trainer run with a ``calibrate:`` section: the last evaluation (same step as the
+    calibration record) is in load_run, logs clean's metrics.csv, and logs plot's summary."""
+    from segreward.cli import main
+    from segreward.engine import config_from_dict, train
+
+    dusk = {"type": "synthetic", "style": "dusk", "n": 4, "split": "val", "size": [32, 32]}
+    work = tmp_path / "run"
+    result = train(config_from_dict({
+        "name": "t", "work_dir": str(work), "model": {"name": "unet", "options": {"width": 8}},
+        "data": {"train": {"type": "synthetic", "style": "day", "n": 8, "size": [32, 32]}, "val": {"dusk": dusk}},
+        "train": {"iters": 4, "batch_size": 4, "eval_every": 2, "progress": False},
+        "calibrate": {"enabled": True, "data": "dusk", "kfold": 0}}))
+    final = round(result["val"]["dusk"]["mIoU"], 4)
+    run = load_run(work)
+    assert run.metrics["step"].tolist() == [2, 4]
+    assert run.metrics["mIoU"].iloc[-1] == pytest.approx(final)
+    assert run.metrics["calibrated/mIoU"].iloc[-1] == pytest.approx(result["val_calibrated"]["dusk"]["mIoU"],
+                                                                   abs=1e-4)
+    assert main(["logs", "clean", str(work), "--out", str(tmp_path / "csv")]) == 0
+    csv = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    assert csv["mIoU"].iloc[-1] == pytest.approx(final) and csv["step"].iloc[-1] == 4
+    assert main(["logs", "plot", str(work), "--out", str(tmp_path / "p.png"), "--smoothing", "0"]) == 0
+    summary = pd.read_csv(tmp_path / "p_summary.csv")
+    assert summary["last_step"].iloc[0] == 4 and summary["last"].iloc[0] == pytest.approx(final)

@@ -167,29 +167,71 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _cell(values: list[float]) -> str:
+    m, sd = _mean_std(values)
+    return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
 def summary_table(per_seed: dict[int, dict]) -> str:
+    """Each stage uncalibrated and calibrated side by side (mean ± std over seeds), then
+    like-for-like differences only: calibrated vs calibrated, uncalibrated vs uncalibrated, and
+    calibration's own gain on the same model."""
     seeds = sorted(per_seed)
-    fmt = "{:.2f} ± {:.2f}" if len(seeds) > 1 else "{:.2f}"
-    lines = ["| stage | target mIoU (dusk) | source mIoU (day) |", "| --- | --- | --- |"]
-    for stage in (r for r in ROWS if r in per_seed[seeds[0]]):
+    first = per_seed[seeds[0]]
+    lines = ["| stage | target mIoU (dusk) | + calibration | source mIoU (day) | + calibration |",
+             "| --- | --- | --- | --- | --- |"]
+    for stage in (st for st in STAGES if st in first):
         cells = []
         for dom in ("target", "source"):
-            m, sd = _mean_std([per_seed[sd_][stage][dom]["mIoU"] for sd_ in seeds])
-            cells.append(fmt.format(m, sd) if len(seeds) > 1 else fmt.format(m))
-        lines.append(f"| {LABELS[stage]} | {cells[0]} | {cells[1]} |")
+            cells.append(_cell([per_seed[sd][stage][dom]["mIoU"] for sd in seeds]))
+            cal = f"{stage}+cal"
+            cells.append(_cell([per_seed[sd][cal][dom]["mIoU"] for sd in seeds]) if cal in first else "–")
+        lines.append(f"| {LABELS[stage]} | {' | '.join(cells)} |")
     lines.append("")
-    pairs = [("reward_tuned", "Reward tuning"), ("reward_tuned+cal", "Reward tuning + calibration"),
-             ("ce_finetuned+cal", "Calibration alone (no training)"), ("extra_ce+cal", "Extra CE + calibration")]
-    for row, what in pairs:
-        if row not in per_seed[seeds[0]]:
-            continue
+    if len(seeds) > 1:
+        lines.append(f"Mean ± std over seeds {seeds}. Differences below are seed-paired (one value per seed in "
+                     "brackets).")
+    else:
+        lines.append(f"One seed ({seeds[0]}): indicative only; a difference of this size can change sign with "
+                     "another seed (`--seeds 0 1 2` gives mean ± std).")
+    lines.append("")
+    for row, base, what in comparisons(first):
         for dom in ("target", "source"):
-            gains = [per_seed[s][row][dom]["mIoU"] - per_seed[s]["extra_ce"][dom]["mIoU"] for s in seeds]
-            m, sd = _mean_std(gains)
+            gains = [per_seed[sd][row][dom]["mIoU"] - per_seed[sd][base][dom]["mIoU"] for sd in seeds]
+            m, sd_ = _mean_std(gains)
             per = ", ".join(f"{g:+.2f}" for g in gains)
-            lines.append(f"{what} minus extra CE (same budget, seed-paired), {dom} mIoU: {m:+.2f}"
-                         + (f" ± {sd:.2f} (seeds {seeds}: {per})" if len(seeds) > 1 else f" (seed {seeds[0]})"))
+            lines.append(f"- {what}, {dom} mIoU: {m:+.2f}" + (f" ± {sd_:.2f} ({per})" if len(seeds) > 1 else ""))
     return "\n".join(lines)
+
+
+def comparisons(stages) -> list[tuple[str, str, str]]:
+    """``(row, baseline row, words)`` of the like-for-like differences the report shows, for the
+    rows present in ``stages``."""
+    pairs = [("reward_tuned", "extra_ce", "Reward tuning minus extra CE, both uncalibrated (same budget)"),
+             ("reward_tuned+cal", "extra_ce+cal", "Reward tuning minus extra CE, both calibrated (same budget)")]
+    pairs += [(f"{st}+cal", st, f"Calibration's own gain on {LABELS[st]} (same model)") for st in CALIBRATED]
+    return [(row, base, what) for row, base, what in pairs if row in stages and base in stages]
+
+
+def next_steps(out: Path, seed: int, seeds_run: int, method: str, heldout: Path, labelled: Path) -> str:
+    """What a user can do next, with the paths this run wrote (``heldout``, ``labelled``: the
+    dataset specs of the seed's held-out and labelled dusk images)."""
+    run = out / f"seed{seed}"
+    more = "" if seeds_run > 1 else ("- Run more seeds before trusting a difference: "
+                                     f"`segreward demo --seeds 0 1 2 --out {out}` (about 3x the time).\n")
+    return (f"## What next\n\n"
+            f"- The weights: `{run}/<stage>/model.safetensors`, calibrated: "
+            f"`{run}/<stage>/model_calibrated.safetensors` (`offsets.json` beside them names the data the "
+            f"offsets were fitted on).\n"
+            f"- Score one on the held-out dusk images: `segreward evaluate {run}/reward_tuned/model_calibrated.safetensors "
+            f"{heldout}`; calibrate a stage yourself: `segreward calibrate {run}/extra_ce {labelled} --out "
+            f"{out}/my_calibration`.\n"
+            f"- Calibrate your own model on your labelled images (a dataset spec as in "
+            f"`configs/data/folder_example.yaml` of the repository): `segreward calibrate runs/my_run my_labelled.yaml`, "
+            f"then `segreward evaluate runs/my_run/calibrated/model.safetensors my_heldout.yaml` on images it was not "
+            f"fitted on.\n" + more
+            + (f"- Another reward-tuning method: `segreward demo --method NAME` (one of {', '.join(METHODS)}; "
+               f"this run: `{method}`).\n"))
 
 
 def _plot_curves(work: Path, out: Path) -> None:
@@ -212,6 +254,11 @@ def _plot_curves(work: Path, out: Path) -> None:
             if key in m:
                 ax.plot(m["step"] + offsets[stage], m[key], "o-", ms=3, color=colours[stage], label=LABELS[stage])
                 ax.set_title(f"mIoU on {title}")
+            cal = m.dropna(subset=[f"calibrated/{key}"]) if f"calibrated/{key}" in m else None
+            if cal is not None and len(cal):  # the stage's calibrated model: a star at its last step
+                ax.plot(cal["step"] + offsets[stage], cal[f"calibrated/{key}"], "*", ms=10, color=colours[stage],
+                        markeredgecolor="black", markeredgewidth=0.5,
+                        label=f"{LABELS[stage]} + calibration" if stage != "source_only" else None)
     for ax in axes:
         ax.set_xlabel("iteration (all stages)")
         ax.grid(alpha=0.3)
@@ -222,67 +269,103 @@ def _plot_curves(work: Path, out: Path) -> None:
     plt.close(fig)
 
 
+# Columns of the examples figure: (weights file in the stage folder, title); like for like, each
+# calibrated model next to the same model uncalibrated.
+EXAMPLE_MODELS = (("source_only/model.safetensors", "source only"),
+                  ("extra_ce/model.safetensors", "+ extra CE"),
+                  ("extra_ce/model_calibrated.safetensors", "+ extra CE\n+ calibration"),
+                  ("reward_tuned/model.safetensors", "+ reward tuning"),
+                  ("reward_tuned/model_calibrated.safetensors", "+ reward tuning\n+ calibration"))
+
+
 def _plot_examples(work: Path, s: DemoSettings, seed: int, out: Path, n: int = 3) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
+    from matplotlib.patches import Patch
 
-    from segreward.data.synthetic import PALETTE, SyntheticDataset
+    from segreward.data.synthetic import CLASSES, PALETTE, SyntheticDataset
     from segreward.models import load_model
 
     ds = SyntheticDataset(style="dusk", n=n, seed=seed, size=s.size, split="val")
     palette = np.array(PALETTE, dtype=np.uint8)
-    models = {st: load_model(work / st / "model.safetensors").eval() for st in ("source_only", "extra_ce", "reward_tuned")}
-    cols = ["image", "label", "source only", "+ extra CE", "+ reward tuning"]
-    fig, axes = plt.subplots(n, len(cols), figsize=(2.4 * len(cols), 1.4 * n))
+    models = [(load_model(work / f).eval(), title) for f, title in EXAMPLE_MODELS if (work / f).is_file()]
+    cols = ["image", "label"] + [title for _, title in models]
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 1.25 * n + 1.0), squeeze=False)
     for i in range(n):
         x, y = ds[i]
         panels = [ds.images[i], palette[np.clip(y.numpy(), 0, len(palette) - 1)]]
         with torch.no_grad():
-            for st in ("source_only", "extra_ce", "reward_tuned"):
-                panels.append(palette[models[st](x[None]).argmax(1)[0].numpy()])
+            for model, _ in models:
+                panels.append(palette[model(x[None]).argmax(1)[0].numpy()])
         for j, panel in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(panel)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(cols[j], fontsize=9)
-    fig.tight_layout()
+                ax.set_title(cols[j], fontsize=8)
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="black", linewidth=0.3, label=name)
+               for name, c in zip(CLASSES, PALETTE)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
 def run_demo(out: str | Path = "runs/demo", seeds=(0,), quick: bool = False, progress: bool = True,
-             method: str = DEFAULT_METHOD) -> dict:
-    """Run the demo; returns ``{"per_seed": ..., "table": str, "report": path, "runtime_s": float}``."""
-    from segreward.outputs import atomic_save, atomic_write_text, claim_dir
+             method: str = DEFAULT_METHOD, threads: int | None = None) -> dict:
+    """Run the demo; returns ``{"per_seed", "table", "next", "report" (path), "runtime_s", "cpu_s",
+    "threads"}``. The same seeds and thread count give the same numbers (float sums depend on how
+    the work is split over threads); ``threads`` sets torch's CPU threads (default: torch's own)."""
+    import torch
 
+    from segreward.errors import SegrewardError
+    from segreward.outputs import atomic_save, atomic_write_text, claim_dir, ensure_dir
+
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SegrewardError(f"--threads must be a whole number >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     s = DemoSettings.quick(method=method) if quick else DemoSettings(method=method)
     out = claim_dir(out, "--out", "demo")  # never over a user's own files
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     per_seed = {}
     for seed in seeds:
         per_seed[int(seed)] = run_seed(out / f"seed{seed}", s, int(seed), progress=progress)
-    runtime = time.perf_counter() - t0
+    runtime, cpu = time.perf_counter() - t0, time.process_time() - c0
+    threads = torch.get_num_threads()
     table = summary_table(per_seed)
     first = out / f"seed{seeds[0]}"
     atomic_save(out / "miou_curves.png", lambda tmp: _plot_curves(first, tmp))
     atomic_save(out / "examples.png", lambda tmp: _plot_examples(first, s, int(seeds[0]), tmp))
     command = ("segreward demo" + (" --quick" if quick else "") + (f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != (0,) else "")
-               + (f" --method {method}" if method != DEFAULT_METHOD else ""))
+               + (f" --method {method}" if method != DEFAULT_METHOD else "") + f" --threads {threads}")
+    import yaml
+    specs = {"heldout": _data(s, int(seeds[0]))["val"]["target"], "labelled": _calibration(s, int(seeds[0]))["data"]}
+    spec_files = {}
+    for name, spec in specs.items():  # dataset specs of this run's dusk sets, for evaluate / calibrate
+        spec_files[name] = ensure_dir(out / "data", "--out") / f"dusk_{name}_seed{seeds[0]}.yaml"
+        atomic_write_text(spec_files[name], yaml.safe_dump(spec, sort_keys=False))
+    nxt = next_steps(out, int(seeds[0]), len(seeds), s.method, spec_files["heldout"], spec_files["labelled"])
     report = out / "report.md"
     atomic_write_text(report,
-        f"# segreward demo\n\nCommand: `{command}` — {runtime / 60:.1f} min.\n\n"
+        f"# segreward demo\n\nCommand: `{command}` — {runtime / 60:.1f} min wall, {cpu / 60:.1f} CPU-min, "
+        f"{threads} torch thread(s) (the same seeds and `--threads` give the same numbers; another thread count "
+        f"changes float sums, and so the later digits).\n\n"
         f"Synthetic street scenes, {s.size[0]}x{s.size[1]}: source = day ({s.n_source} labelled), target = dusk "
         f"({s.n_target_labelled} labelled for fine-tuning, {s.n_eval} held out); the target stages train on the "
         f"dusk images plus {s.n_replay} replayed day images. Iterations of batch "
         f"{s.batch_size}: pretrain {s.pretrain_iters}, CE fine-tune {s.finetune_iters}, then {s.extra_iters} more of "
         f"either cross-entropy or reward tuning (`{s.method}`: {METHODS[s.method][1]}; Adam lr {s.tune_lr}), "
-        f"both from the same CE fine-tuned checkpoint.\n\n{table}\n\n"
-        f"![mIoU per stage](miou_curves.png)\n\n![example predictions on held-out dusk images](examples.png)\n")
-    atomic_write_text(out / "results.json", json.dumps({"settings": s.__dict__, "per_seed": per_seed, "runtime_s": runtime},
-                                                 indent=1, default=list))
-    return {"per_seed": per_seed, "table": table, "report": str(report), "runtime_s": runtime}
+        f"both from the same CE fine-tuned checkpoint. *+ calibration*: one logit offset per class fitted on the "
+        f"{s.n_target_labelled} labelled dusk images (not the held-out ones) and folded into the weights; no "
+        f"training.\n\n{table}\n\n"
+        f"![mIoU per stage](miou_curves.png)\n\n![example predictions on held-out dusk images](examples.png)\n\n"
+        f"{nxt}")
+    atomic_write_text(out / "results.json", json.dumps({"settings": s.__dict__, "per_seed": per_seed, "runtime_s": runtime,
+                                                        "cpu_s": cpu, "threads": threads}, indent=1, default=list))
+    return {"per_seed": per_seed, "table": table, "next": nxt, "report": str(report), "runtime_s": runtime,
+            "cpu_s": cpu, "threads": threads}

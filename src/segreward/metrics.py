@@ -119,7 +119,8 @@ def scores_from_confusion(cm: torch.Tensor) -> dict:
 
     ``aAcc`` = correct / labelled pixels; per class ``IoU = I / U``, ``Acc = I / label area``,
     ``Dice = 2 I / (pred area + label area)``; a class with a zero denominator is NaN and left out of
-    the mean (``mIoU``, ``mAcc``, ``mDice``). All in percent.
+    the mean (``mIoU``, ``mAcc``, ``mDice``). All in percent; ``pixels`` is the number of labelled
+    pixels counted.
     """
     cm = cm.double()
     intersect, union, pred_area, label_area = _stats_from_confusion(cm)
@@ -142,6 +143,8 @@ def scores_from_confusion(cm: torch.Tensor) -> dict:
         "mDice": nanmean(dice),
         "IoU": [float(v) * 100 for v in iou],
         "Acc": [float(v) * 100 for v in acc],
+        "Dice": [float(v) * 100 for v in dice],
+        "pixels": int(total),
     }
 
 

@@ -238,17 +238,16 @@ def plot_runs(runs, metric: str = "mIoU", smoothing: float = 0.6, trend: Trend |
     ax.legend(fontsize=8)
     if has_loss:
         lax = axes[1]
-        positive = True
+        shown = []
         for run, c in zip(runs, colors):
             if loss_key not in run.loss.columns:
                 continue
             d = run.loss[["step", loss_key]].dropna()
             lv = d[loss_key].to_numpy(np.float64)
-            positive &= bool((lv[np.isfinite(lv)] > 0).all())
+            shown.append(lv[np.isfinite(lv)])
             lax.plot(d["step"], lv, "-", color=c, alpha=0.25, lw=0.8)
             lax.plot(d["step"], smooth(lv, smoothing), "-", color=c, lw=1.5, label=run.name)
-        if positive:
-            lax.set_yscale("log")
+        _loss_axis(lax, np.concatenate(shown) if shown else np.zeros(0))
         lax.set_xlabel("epoch" if all(r.x == "epoch" for r in runs) and runs[0].iters_per_epoch else "iteration")
         lax.set_ylabel(f"training {loss_key}")
         lax.set_title(f"training {loss_key} (smoothing {smoothing:g})")
@@ -297,6 +296,23 @@ def plot_logs(paths, out: str | os.PathLike, metric: str = "mIoU", smoothing: fl
         import matplotlib.pyplot as plt
         plt.close(fig)
     return table, [out, summary_path]
+
+
+def _loss_axis(ax, values: np.ndarray) -> None:
+    """A log axis only when the positive losses span more than a decade, with plain-number tick
+    labels (0.1, 0.2, 0.5, 1, ...); otherwise linear, without an offset or a 1e-x factor."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    if values.size and (values > 0).all() and values.max() / values.min() > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        fmt = ScalarFormatter(useOffset=False)
+        fmt.set_scientific(False)
+        ax.yaxis.set_major_formatter(fmt)
 
 
 def fig_formats() -> set[str]:

@@ -275,7 +275,8 @@ def fit_offsets(logits, labels, reward="miou", num_classes: int | None = None, i
     cv = None
     if kfold:
         from segreward.calibrate.kfold import cross_validate
-        cv = cross_validate(pixels, form, kfold, kfold_seed, max_sweeps=max_sweeps, bound=bound, init=init, tol=tol)
+        cv = cross_validate(pixels, form, kfold, kfold_seed, progress=progress, max_sweeps=max_sweeps, bound=bound,
+                            init=init, tol=tol)
     return Calibration(offsets=b, reward=form.name, reward_before=before, reward_after=set_reward(form, pixels, b),
                        sweeps=len(history), converged=converged, history=history,
                        scores_before=set_scores(pixels, zero), scores_after=set_scores(pixels, b), cv=cv)

@@ -10,6 +10,7 @@ all images will give on new images of the same kind (a little pessimistic: each 
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from segreward.calibrate.exact import PixelSet, argmax_with_offsets, counts_of, fit_pixels
 from segreward.credit import CountReward, reward_from_counts
@@ -26,12 +27,13 @@ def fold_of_images(num_images: int, k: int, seed: int = 0) -> torch.Tensor:
     return fold
 
 
-def cross_validate(pixels: PixelSet, form: CountReward, k: int = 5, seed: int = 0, **fit_kw) -> dict:
+def cross_validate(pixels: PixelSet, form: CountReward, k: int = 5, seed: int = 0, progress: bool = False,
+                   **fit_kw) -> dict:
     """``{"k", "reward_before", "reward_after", "gain", "fold_gains", "fold_offsets"}``.
 
     ``reward_after`` pools the held-out folds' counts, each predicted with the offsets fitted
     without it; ``reward_before`` is the same images uncalibrated; ``fold_gains`` the per-fold
-    differences of each held-out fold's own reward.
+    differences of each held-out fold's own reward. ``progress``: a bar over the ``k`` refits.
     """
     n = pixels.num_images
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
@@ -45,7 +47,7 @@ def cross_validate(pixels: PixelSet, form: CountReward, k: int = 5, seed: int = 
     pooled_before = torch.zeros(c, 3, dtype=torch.float64)
     pooled_after = torch.zeros(c, 3, dtype=torch.float64)
     gains, offsets = [], []
-    for f in range(k):
+    for f in tqdm(range(k), desc=f"{k}-fold estimate", disable=not progress, leave=False):
         held = fold == f
         train = PixelSet(pixels.z[~held], pixels.t[~held], pixels.image[~held], n)
         if train.t.numel() == 0 or not bool(held.any()):

@@ -12,7 +12,7 @@ import sys
 from segreward.errors import SegrewardError
 
 # Module names under segreward.cli, in the order shown by --help.
-_COMMANDS = ("demo", "train", "calibrate", "stats", "logs")
+_COMMANDS = ("demo", "train", "evaluate", "calibrate", "stats", "logs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,10 +27,7 @@ from segreward.calibrate.passes import fit_passes
 from segreward.engine.builders import autocast, dataset_info, resize_logits
 from segreward.errors import SegrewardError
 
-__all__ = ["CALIBRATE_MODES", "calibrate_model", "model_batches", "resolve_device", "write_calibration",
-           "format_calibration"]
-
-
+__all__ = ["CALIBRATE_MODES", "calibrate_model", "model_batches", "write_calibration", "format_calibration"]
 
 def model_batches(model: nn.Module, dataset: Dataset, batch_size: int = 8, device="cpu", rank: int = 0,
                   world: int = 1, amp: str = "none", desc: str | None = None, progress: bool = False):
@@ -82,9 +79,11 @@ def calibrate_model(model: nn.Module, dataset: Dataset, reward="miou", mode: str
     return cal
 
 
-def format_calibration(cal: Calibration, classes=None) -> str:
-    """Reward before/after, the k-fold estimate, and per-class offsets and IoU before/after."""
-    lines = [f"{cal.reward} ({cal.mode}, {cal.sweeps} sweeps{'' if cal.converged else ', not converged'}): "
+def format_calibration(cal: Calibration, classes=None, data: str | None = None) -> str:
+    """What it was fitted on (``data``: one line), reward before/after, the k-fold estimate,
+    and per-class offsets and IoU before/after."""
+    lines = [f"fitted on {data}"] if data else []
+    lines += [f"{cal.reward} ({cal.mode}, {cal.sweeps} sweeps{'' if cal.converged else ', not converged'}): "
              f"{100 * cal.reward_before:.2f} -> {100 * cal.reward_after:.2f} "
              f"({100 * (cal.reward_after - cal.reward_before):+.2f})"]
     cv = cal.cv or {}
@@ -108,8 +107,10 @@ def format_calibration(cal: Calibration, classes=None) -> str:
 
 
 def write_calibration(out_dir: str | Path, model: nn.Module, cal: Calibration, classes=None,
-                      source: str | None = None, weights_name: str = "model.safetensors") -> dict:
-    """Write ``offsets.json`` (offsets by class, rewards, k-fold estimate, per-class IoU) and the
+                      source: str | None = None, weights_name: str = "model.safetensors",
+                      data: dict | None = None) -> dict:
+    """Write ``offsets.json`` (offsets by class, rewards, k-fold estimate, per-class IoU, the data
+    it was fitted on: ``data``, see :class:`~segreward.engine.resolve.DataChoice`) and the
     calibrated weights (``model`` must already hold the folded offsets); both atomically."""
     from segreward.models import save_weights
     from segreward.outputs import atomic_write_text, ensure_dir
@@ -117,96 +118,14 @@ def write_calibration(out_dir: str | Path, model: nn.Module, cal: Calibration, c
     record = cal.to_dict()
     record["classes"] = list(classes) if classes is not None else None
     record["source"] = source
+    record["data"] = data
     atomic_write_text(out / "offsets.json", json.dumps(record, indent=1, allow_nan=True))
     spec = dict(getattr(model, "segreward_spec", {}) or {})
     save_weights(model, out / weights_name,
                  meta={**spec, "classes": list(classes) if classes is not None else None,
-                       "calibration": {"reward": cal.reward, "offsets": record["offsets"], "source": source}})
+                       "calibration": {"reward": cal.reward, "offsets": record["offsets"], "source": source,
+                                       "data": data}})
     return {"offsets": str(out / "offsets.json"), "weights": str(out / weights_name)}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps`` as a device that exists here, or a one-line error."""
-    from segreward.engine.distributed import check_device
-    check_device(device, "--device")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _resolve_model(path: str | Path):
-    """``(model, weights file, classes)`` from a run directory or a weights file."""
-    from segreward.models import load_model, read_state_dict
-    p = Path(path)
-    if p.is_dir():
-        weights = p / "model.safetensors"
-        if not weights.is_file():
-            raise SegrewardError(f"{p}: no model.safetensors in this folder; give a finished run directory "
-                                 "of `segreward train` or a weights file")
-    elif p.exists():
-        weights = p
-    else:
-        raise SegrewardError(f"{p}: no such run directory or weights file")
-    model = load_model(weights)
-    _, meta = read_state_dict(weights)
-    return model, weights, meta.get("classes")
-
-
-def _folder_classes(classes: str | None, fmt: str, folder: Path) -> dict:
-    """The keywords that give a DATA folder its classes, from ``--classes``: a known dataset name
-    (its class list), a number of classes, or comma-separated names."""
-    from segreward.data.meta import known_datasets
-    if classes is None:
-        if fmt.lower() in ("folder", "mmseg"):
-            raise SegrewardError(f"{folder}: a folder in the mmseg layout does not name its classes; give them on the "
-                                 "command line: --classes cityscapes (a known dataset: "
-                                 f"{', '.join(known_datasets())}), --classes 19, or --classes road,car,...")
-        return {}
-    if classes.lower() in known_datasets():
-        return {"meta": classes.lower()}
-    if classes.strip().isdigit():
-        return {"classes": int(classes)}
-    names = [c.strip() for c in classes.split(",") if c.strip()]
-    if len(names) < 2:
-        raise SegrewardError(f"--classes {classes!r}: give a known dataset ({', '.join(known_datasets())}), a number "
-                             "of classes, or at least two comma-separated names")
-    return {"classes": names}
-
-
-def _resolve_data(data: str | Path, split: str | None, fmt: str, size, classes: str | None = None):
-    """A dataset (no augmentation) from a folder, a dataset spec YAML, or a run config YAML."""
-    from segreward.engine.builders import build_data
-    from segreward.engine.config import config_from_dict, read_yaml
-    p = Path(data)
-    if p.is_dir():
-        spec = {"type": fmt, "root": str(p), **({"split": split} if split else {}),
-                **({"size": tuple(size)} if size else {}), **_folder_classes(classes, fmt, p)}
-        return build_data(spec)
-    if classes is not None:
-        raise SegrewardError(f"--classes is for a DATA folder; {p} is a file: give the classes in its dataset spec")
-    tree = read_yaml(p, "dataset spec or run config")
-    if not isinstance(tree, dict):
-        raise SegrewardError(f"{p}: expected a dataset spec (with 'type') or a run config (with 'data'), "
-                             f"got {type(tree).__name__}")
-    if "type" in tree:
-        spec = {**tree, **({"split": split} if split else {}), **({"size": tuple(size)} if size else {})}
-        try:
-            return build_data(spec)
-        except SegrewardError as e:
-            raise SegrewardError(f"{p}: {e}") from None
-    if "data" in tree:
-        try:
-            cfg = config_from_dict(tree)
-        except SegrewardError as e:
-            raise SegrewardError(f"{p}: {e}") from None
-        if split == "train":
-            return build_data(cfg.data.train)
-        name = split or next(iter(cfg.data.val), None)
-        if name not in cfg.data.val:
-            raise SegrewardError(f"{p}: no data.val set {name!r}; choose --split train or one of "
-                                 f"{', '.join(cfg.data.val) or '(none)'}")
-        return build_data(cfg.data.val[name])
-    raise SegrewardError(f"{p}: neither a dataset spec (no 'type' key) nor a run config (no 'data' key)")
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs) -> None:
@@ -218,16 +137,20 @@ def _check_out_dir(out: Path, overwrite: bool, inputs) -> None:
 def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, overwrite=False, reward="miou",
                   class_weights=None, mode="auto", kfold=5, bound=None, max_sweeps=20, batch_size=8,
                   device="auto", progress=True, folder_classes=None) -> dict:
-    """What ``segreward calibrate`` does: resolve, check every output, fit, fold, write, report."""
+    """What ``segreward calibrate`` does: resolve, check every output, fit, fold, write, report.
+    Returns ``{"offsets", "weights", "calibration", "data" (what it was fitted on), "warnings",
+    "report"}``."""
     from segreward.calibrate.folding import fold_offsets
     from segreward.engine.builders import read_class_weight
+    from segreward.engine.resolve import resolve_data, resolve_device, resolve_model
     if kfold is not None and kfold < 0 or kfold == 1:
         raise SegrewardError(f"--kfold must be 0 (off) or >= 2, got {kfold}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SegrewardError(f"--batch-size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
-    net, weights, classes = _resolve_model(model)
-    dataset = _resolve_data(data, split, fmt, size, folder_classes)
+    net, weights, classes = resolve_model(model)
+    choice = resolve_data(data, split, fmt, size, command="calibrate", classes=classes, cli_classes=folder_classes)
+    dataset = choice.dataset
     num_classes, _, data_classes = dataset_info(dataset)
     if out is None:
         src = Path(model)
@@ -241,5 +164,7 @@ def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, ov
                           progress=progress)
     fold_offsets(net, cal.offsets)
     names = classes or data_classes
-    paths = write_calibration(out, net.cpu(), cal, names, source=str(weights))
-    return {**paths, "calibration": cal, "report": format_calibration(cal, names)}
+    choice.info["labelled_pixels"] = cal.scores_before["pixels"]
+    paths = write_calibration(out, net.cpu(), cal, names, source=str(weights), data=choice.info)
+    return {**paths, "calibration": cal, "data": choice.info, "warnings": choice.warnings,
+            "report": format_calibration(cal, names, data=choice.describe())}

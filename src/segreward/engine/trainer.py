@@ -34,11 +34,10 @@ from segreward.engine import distributed as D
 from segreward.engine.distributed import check_device
 from segreward.engine.builders import (autocast, build_data, build_loss, build_optimizer, build_scheduler, dataset_info,
                                        resize_logits)
-from segreward.engine.calibration import model_batches
+from segreward.engine.evaluation import evaluate  # noqa: F401  (re-exported: segreward.engine.evaluate)
 from segreward.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from segreward.engine.config import Config
 from segreward.errors import SegrewardError
-from segreward.metrics import SegMetric
 
 
 class _GlobalBatches(torch.utils.data.Sampler):
@@ -85,19 +84,6 @@ def build_transform(cfg: Config):
     if cfg.train.crop:
         steps.insert(0, T.RandomCrop(tuple(cfg.train.crop)))
     return T.Compose(steps)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, ignore_index: int = 255,
-             batch_size: int = 8, device: torch.device | str = "cpu", info: D.DistInfo | None = None,
-             amp: str = "none") -> dict:
-    """Dataset-level aAcc/mIoU/mAcc/mDice (percent) of the argmax prediction; under DDP each
-    rank scores a shard and the confusion matrices are all-reduced."""
-    info = info or D.DistInfo(device=torch.device(device))
-    metric = SegMetric(num_classes, ignore_index)
-    for logits, y in model_batches(model, dataset, batch_size, info.device, info.rank, info.world_size, amp=amp)():
-        metric.update(logits.argmax(1).cpu(), y.cpu())
-    return metric.compute()
 
 
 @torch.no_grad()
@@ -372,6 +358,13 @@ class _Stage:
                                  f"({', '.join(self.val_sets) or 'none'}) or a dataset spec")
         if dataset_info(ds)[0] != self.num_classes:
             raise SegrewardError(f"calibrate.data has {dataset_info(ds)[0]} classes, the model {self.num_classes}")
+        # What offsets.json records as the data it was fitted on.
+        named = not isinstance(cal.data, dict)
+        data = self.snapshot["data"]  # given datasets are recorded there by type and size
+        spec = (data["train"] if cal.data == "train" else data["val"].get(cal.data)) if named else cal.data
+        self.calibration_info = {"path": str(self.work / "config.yaml"), "kind": "run config" if named else "dataset spec",
+                                 **({"set": cal.data} if named else {}),
+                                 "spec": dict(spec) if isinstance(spec, dict) else None, "images": len(ds)}
         return ds
 
     # --- resume (or a fresh start) ---
@@ -689,10 +682,12 @@ class _Stage:
                   for name, ds in self.val_sets.items()}
         if info.is_main:
             from segreward.outputs import atomic_write_text
+            data = {**self.calibration_info, "labelled_pixels": cal.scores_before["pixels"]}
             write_calibration(self.work, model, cal, self.classes, source=str(self.work / "model.safetensors"),
-                              weights_name="model_calibrated.safetensors")
+                              weights_name="model_calibrated.safetensors", data=data)
             summary = json.loads((self.work / "summary.json").read_text())
-            summary["calibration"] = {"reward": cal.reward, "before": cal.reward_before, "after": cal.reward_after,
+            summary["calibration"] = {"data": data, "reward": cal.reward, "before": cal.reward_before,
+                                      "after": cal.reward_after,
                                       "cv": cal.cv, "offsets": [float(v) for v in cal.offsets]}
             summary["val_calibrated"] = {k: {m: v[m] for m in ("aAcc", "mIoU", "mAcc", "mDice", "IoU")}
                                          for k, v in scores.items()}
@@ -704,7 +699,8 @@ class _Stage:
                     line.update({f"{prefix}{k}": round(sc[k], 4) for k in ("aAcc", "mIoU", "mAcc", "mDice")})
                 self.writer.log(self.tc.iters, line, mode="val")
             if self.tc.progress:
-                print(format_calibration(cal, self.classes))
+                from segreward.engine.resolve import DataChoice
+                print(format_calibration(cal, self.classes, data=DataChoice(None, data).describe()))
         return {"val_calibrated": scores, "calibration": cal}
 
 

@@ -389,7 +389,7 @@ def calibrate(config, checkpoint, split: str = "val", out=None, overwrite: bool 
     out = check_output_file(out, "--out", inputs=inputs, overwrite=overwrite)
     offsets_path = check_output_file(out.parent / OFFSETS_NAME, "--out (offsets.json next to it)", inputs=inputs,
                                      overwrite=overwrite)
-    from segreward.engine.calibration import resolve_device
+    from segreward.engine.resolve import resolve_device
     dev = resolve_device(device)
 
     try:

@@ -2,8 +2,10 @@
 
 Entry point: :func:`load_run`. A run is a ``scalars.json`` file, a ``vis_data`` folder, a run
 folder, or an mmengine ``work_dir`` whose timestamp folders (``20240101_120000/``) hold the
-pieces of a resumed run; the pieces are read in time order and, where a step was logged more
-than once, the line read last wins. Folders without ``scalars.json`` but with TensorBoard
+pieces of a resumed run; the pieces are read in time order. Where a step was logged more than
+once (a resumed run logging it again, a calibration line after the final evaluation, extra
+scalars on their own line), each key keeps the value read last and a line never hides the keys
+it does not have: the final evaluation survives a calibration record at the same step. Folders without ``scalars.json`` but with TensorBoard
 event files are read with :mod:`segreward.runlog.tensorboard`.
 """
 
@@ -166,7 +168,18 @@ def _frame(records: list[dict], notes: list, what: str, path) -> pd.DataFrame:
     return df[cols]
 
 
+def merge_steps(records: list[dict]) -> list[dict]:
+    """One record per step, in order of first appearance: a later line at the same step
+    updates the keys it has (its values win) and keeps the others (an absent key is not NaN)."""
+    merged: dict = {}
+    for rec in records:
+        step = rec["step"]
+        merged[step] = {**merged[step], **rec} if step in merged else rec
+    return list(merged.values())
+
+
 def _last_per_step(df: pd.DataFrame) -> pd.DataFrame:
+    """Sorted by step, one row per step (rows were already merged by :func:`merge_steps`)."""
     df = df.drop_duplicates("step", keep="last")
     if not df["step"].is_monotonic_increasing:
         df = df.sort_values("step", kind="stable")
@@ -279,8 +292,8 @@ def load_run(path: str | os.PathLike, x: str = "auto", name: str | None = None) 
             t, v = parse_scalars(src, notes)
             train += t
             val += v
-        loss = _last_per_step(_frame(train, notes, "training", path))
-        metrics = _last_per_step(_frame(val, notes, "validation", path))
+        loss = _last_per_step(_frame(merge_steps(train), notes, "training", path))
+        metrics = _last_per_step(_frame(merge_steps(val), notes, "validation", path))
     if loss.empty and metrics.empty:
         raise SegrewardError(f"{path}: the run log holds no scalars")
     run = RunLog(name=name or _run_name(Path(path)), loss=loss, metrics=metrics,
