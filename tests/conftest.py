@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,3 +23,17 @@ def five_class_spec(tmp_path):
     spec = tmp_path / "five.yaml"
     spec.write_text(json.dumps({"type": "folder", "root": str(root), "classes": 5}))
     return spec
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("da")``: a script of ``benchmarks/`` as a module (the folder is not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -1,14 +1,11 @@
 """benchmarks/calibrate.py at tiny sizes: every part runs and the JSON holds the numbers the docs
 quote (the timings themselves are not checked: they belong to an idle machine)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate.py"
 # 1 thread: on a loaded machine two threads make every small op wait for the busy core (20x slower here).
 TINY = ["--threads", "1", "--size", "32", "48", "--train-images", "4", "--train-steps", "1", "--width", "4",
         "--batch", "4", "--max-sweeps", "2", "--grid-points", "3", "--grid-max-sweeps", "1", "--reps", "1", "--flat-images", "1", "2",
@@ -17,11 +14,8 @@ TINY = ["--threads", "1", "--size", "32", "48", "--train-images", "4", "--train-
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_calibrate", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("calibrate")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 method runs through the trainer, --eval-root scores a test split, and the outputs carry the
 seed-paired differences, per-class IoU, diagnostics and which frames were scored."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -36,11 +35,8 @@ def make_camvid(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("da", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("da")
 
 
 def test_method_names_map_to_trainer_configs(bench):

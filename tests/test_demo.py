@@ -57,14 +57,8 @@ def test_demo_method_option_and_bad_method(tmp_path, capsys):
     assert "--threads" in capsys.readouterr().err
 
 
-def test_demo_methods_benchmark_compares_every_method_with_extra_ce(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "demo_methods", Path(__file__).resolve().parents[1] / "benchmarks" / "demo_methods.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_demo_methods_benchmark_compares_every_method_with_extra_ce(tmp_path, load_benchmark):
+    bench = load_benchmark("demo_methods")
     result = bench.main(["--quick", "--seeds", "0", "1", "--methods", "local_batch_ce", "reinforce_loo_ce",
                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res")])
     rows = {r["method"]: r for r in result["rows"]}
