@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from segreward.calibrate.search import check_count_form, line_search
+from segreward.calibrate.search import _SMALL, bounded_search, check_count_form, line_search_full
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 from segreward.metrics import confusion_matrix, scores_from_confusion
@@ -173,49 +173,76 @@ def check_settings(max_sweeps, bound) -> None:
 
 
 class _Top2:
-    """Each row's best and second-best column of ``s [M, C]`` (first maximum on ties, like
-    ``argmax``), kept up to date when one column changes: rows where that column was one of the
-    two are recomputed, the others compare it with their two."""
+    """Each pixel's best and second-best class under offsets ``b`` (first maximum on ties, like
+    ``argmax``) for class-major logits ``zc [C, M]``, kept up to date when one offset changes.
 
-    def __init__(self, s: torch.Tensor):
-        self.v1, self.i1, self.v2, self.i2 = self._full(s)
+    The step of class ``k`` needs each pixel's best class other than ``k`` (:meth:`without`);
+    after it, a pixel's new best is ``k`` or that class. Raising ``b_k`` can only push ``k`` up:
+    the new second is the old best or second, or ``k``. Lowering it needs each row's third
+    class only where ``k`` was one of the two and falls below the other: only those rows are
+    recomputed. Scores ``z_k + b_k`` are float64 sums, as ``argmax(z + b)`` in float64 makes them.
+    """
+
+    def __init__(self, zc: torch.Tensor, b: torch.Tensor):
+        self.zc, self.b = zc, b.to(device=zc.device, dtype=torch.float64)
+        self.v1, self.i1, self.v2, self.i2 = self._full(zc, self.b)
 
     @staticmethod
-    def _full(s: torch.Tensor):
-        i1 = s.argmax(dim=1)
-        v1 = s.gather(1, i1.unsqueeze(1)).squeeze(1)
-        rest = s.scatter(1, i1.unsqueeze(1), -float("inf"))
-        i2 = rest.argmax(dim=1)
-        return v1, i1, rest.gather(1, i2.unsqueeze(1)).squeeze(1), i2
+    def _full(zc: torch.Tensor, b: torch.Tensor):
+        """Top two of every column of ``zc [C, R] + b``: one pass per class with strict ``>``, so
+        the first maximum wins, as ``argmax`` (a reduction over the strided class dim is slow)."""
+        r, dev = zc.shape[1], zc.device
+        v1 = zc[0].to(torch.float64) + b[0]
+        i1 = torch.zeros(r, dtype=torch.long, device=dev)
+        v2 = torch.full_like(v1, -float("inf"))
+        i2 = torch.ones_like(i1)
+        for k in range(1, zc.shape[0]):
+            x = zc[k].to(torch.float64) + b[k]
+            above1, above2 = x > v1, x > v2
+            v2 = torch.where(above1, v1, torch.where(above2, x, v2))
+            i2 = torch.where(above1, i1, torch.where(above2, k, i2))
+            v1 = torch.where(above1, x, v1)
+            i1 = torch.where(above1, k, i1)
+        return v1, i1, v2, i2
 
-    def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(argmax, max)`` of each row over the columns other than ``k``."""
+    def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(first, argmax, max)`` of each row over the classes other than ``k``; ``first``: ``k`` is the best."""
         first = self.i1 == k
-        return torch.where(first, self.i2, self.i1), torch.where(first, self.v2, self.v1)
+        return first, torch.where(first, self.i2, self.i1), torch.where(first, self.v2, self.v1)
 
-    def update(self, s: torch.Tensor, k: int) -> None:
-        x = s[:, k]
-        was = (self.i1 == k) | (self.i2 == k)
-        above1 = ~was & ((x > self.v1) | ((x == self.v1) & (k < self.i1)))
-        above2 = ~was & ~above1 & ((x > self.v2) | ((x == self.v2) & (k < self.i2)))
-        self.v2 = torch.where(above1, self.v1, torch.where(above2, x, self.v2))
-        self.i2 = torch.where(above1, self.i1, torch.where(above2, k, self.i2))
-        self.v1 = torch.where(above1, x, self.v1)
-        self.i1 = torch.where(above1, k, self.i1)
-        rows = torch.nonzero(was).flatten()
+    def score(self, k: int) -> torch.Tensor:
+        return self.zc[k].to(torch.float64) + self.b[k]  # (a 0-dim float64 would not promote float32)
+
+    def set(self, k: int, value: float, first: torch.Tensor, src: torch.Tensor, best_other: torch.Tensor) -> None:
+        """``b_k = value``; ``(first, src, best_other)`` as :meth:`without` gave them before."""
+        rising = value > float(self.b[k])
+        self.b[k] = value
+        x = self.score(k)
+        wins = (x > best_other) | ((x == best_other) & (k < src))  # k is the new best
+        if rising:
+            second = (x > self.v2) | ((x == self.v2) & (k < self.i2))  # k is the new second
+            self.v2 = torch.where(wins, best_other, torch.where(second, x, self.v2))
+            self.i2 = torch.where(wins, src, torch.where(second, k, self.i2))
+            self.v1 = torch.where(wins, x, best_other)
+            self.i1 = torch.where(wins, k, src)
+            return
+        self.v1 = torch.where(first, x, self.v1)  # rows where k stays the best; the others are recomputed
+        rows = torch.nonzero(((first | (self.i2 == k)) & ~wins)).flatten()
         if rows.numel():
-            v1, i1, v2, i2 = self._full(s.index_select(0, rows))
-            for name, value in (("v1", v1), ("i1", i1), ("v2", v2), ("i2", i2)):
-                getattr(self, name)[rows] = value
+            v1, i1, v2, i2 = self._full(self.zc.index_select(1, rows), self.b)
+            for name, new in (("v1", v1), ("i1", i1), ("v2", v2), ("i2", i2)):
+                getattr(self, name).index_copy_(0, rows, new)
 
 
 def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound: float | None = None,
                init=None, tol: float = 1e-12, progress: bool = False) -> tuple[torch.Tensor, list, bool]:
     """Coordinate ascent on a :class:`PixelSet`: ``(offsets, reward after each sweep, converged)``.
 
-    One sweep visits the classes in order; each step is :func:`line_search` (exact). The reward
-    never decreases; the search stops when ``C`` steps in a row change no offset (a step repeated
-    with no offset changed since would find the same) or after ``max_sweeps`` sweeps.
+    One sweep visits the classes in order; each step is exact (:func:`~segreward.calibrate.search.
+    bounded_search`, or :func:`line_search_full` for small sets). The reward never decreases; the
+    search stops when ``C`` steps in a row change no offset (a step repeated with no offset
+    changed since would find the same) or after ``max_sweeps`` sweeps. The logits are held
+    class-major (``[C, M]``: one class's column is contiguous), float32 when that is exact.
     """
     check_settings(max_sweeps, bound)
     z, t, c = pixels.z, pixels.t, pixels.num_classes
@@ -223,25 +250,34 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     label_area = torch.bincount(t, minlength=c).to(torch.float64)
     if c == 1:  # one class: nothing to choose
         return b - b.mean(), [set_reward(form, pixels, b)], True
-    s = z + b.to(z)
-    top = _Top2(s)
+    zc = z.t().contiguous()
+    if zc.dtype == torch.float64 and bool((zc.float().double() == zc).all()):
+        zc = zc.float()  # float32 logits held in float64: half the bytes per pass, every sum the same
+    top = _Top2(zc, b)
+    t2 = 2 * torch.nn.functional.one_hot(t, c).t().to(torch.int8)  # [C, M]: 2 where the label is that class
+    small = t.numel() <= _SMALL
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
     cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
     reward_now, unchanged = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2])), 0
+    offsets = b.tolist()
     for _ in bar:
         for k in range(c):
             if unchanged >= c:
                 break
-            src, best_other = top.without(k)
-            step = line_search(form, best_other - z[:, k], src, t, k, label_area, float(b[k]), reward_now,
-                               bound=bound, tol=tol)
-            if step.offset != float(b[k]):
-                b[k] = step.offset
-                s[:, k] = z[:, k] + b[k]
-                top.update(s, k)
-                reward_now = step.reward
-                unchanged = 0
+            first, src, best_other = top.without(k)
+            tau = best_other - zc[k]
+            if small:
+                step = line_search_full(form, tau, src, t, k, label_area, offsets[k], reward_now, bound, tol)
+                x, r = step.offset, step.reward
+            else:
+                code = src * 3
+                code += t == src
+                code += t2[k]
+                x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol)
+            if x != offsets[k]:
+                top.set(k, x, first, src, best_other)
+                offsets[k], reward_now, unchanged = x, r, 0
             else:
                 unchanged += 1
         history.append(reward_now)
@@ -250,6 +286,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
             converged = True
             break
     bar.close()
+    b = torch.tensor(offsets, dtype=torch.float64)
     return b - b.mean(), history, converged
 
 
