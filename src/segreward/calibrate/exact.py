@@ -49,20 +49,36 @@ class Calibration:
 @dataclass
 class PixelSet:
     """The labelled pixels of a set: logits ``z [M, C]`` (float64), labels ``t [M]``, and the
-    image each pixel came from (``image [M]``, for k-fold splits)."""
+    image each pixel came from (``image [M]``, for k-fold splits); optionally the same logits
+    class-major in their own precision, ``zc [C, M]`` (what the fit reads; see :meth:`class_major`)."""
 
     z: torch.Tensor
     t: torch.Tensor
     image: torch.Tensor
     num_images: int
+    zc: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return self.z.shape[1]
 
     def subset(self, images: torch.Tensor) -> "PixelSet":
-        keep = torch.isin(self.image, images)
-        return PixelSet(self.z[keep], self.t[keep], self.image[keep], self.num_images)
+        return self.where(torch.isin(self.image, images))
+
+    def where(self, keep: torch.Tensor) -> "PixelSet":
+        """The pixels where the mask ``keep [M]`` holds."""
+        return PixelSet(self.z[keep], self.t[keep], self.image[keep], self.num_images,
+                        None if self.zc is None else self.zc[:, keep])
+
+    def class_major(self) -> torch.Tensor:
+        """``[C, M]`` logits, one class's values contiguous: float32 when that holds them exactly
+        (half the bytes per pass; every float64 sum the fit makes of them is the same)."""
+        if self.zc is not None:
+            return self.zc
+        zc = self.z.t().contiguous()
+        if zc.dtype == torch.float64 and bool((zc.float().double() == zc).all()):
+            zc = zc.float()
+        return zc
 
 
 def _check_logits(logits: torch.Tensor, where: str = "logits") -> None:
@@ -74,9 +90,10 @@ def _check_logits(logits: torch.Tensor, where: str = "logits") -> None:
 
 
 def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                     where: str = "logits"):
+                     where: str = "logits", class_major: bool = False):
     """``(z [M, C], t [M], image [M])`` of the labelled pixels of ``logits [N, C, H, W]`` and
-    ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input."""
+    ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input.
+    ``z`` is float64; with ``class_major``, ``[C, M]`` in the logits' precision (float32 at least)."""
     if logits.dim() == 2:
         logits, labels = logits.t().reshape(1, logits.shape[1], -1, 1), labels.reshape(1, -1, 1)
     if logits.dim() != 4 or labels.dim() != 3:
@@ -99,10 +116,12 @@ def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
         values = torch.unique(labels[bad])[:10].tolist()
         raise SegrewardError(f"{where}: label values {values} are outside 0..{num_classes - 1} and are not the "
                              f"ignore index {ignore_index}")
-    z = logits.permute(0, 2, 3, 1)[valid].to(torch.float64)
     t = labels[valid]
     image = torch.arange(n, device=labels.device).view(n, 1, 1).expand(n, h, w)[valid]
-    return z, t, image
+    if class_major:  # [C, M] in the logits' precision (at least float32)
+        zc = logits.transpose(0, 1)[:, valid]
+        return (zc if zc.dtype == torch.float64 else zc.float()), t, image
+    return logits.permute(0, 2, 3, 1)[valid].to(torch.float64), t, image
 
 
 def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int = 255) -> PixelSet:
@@ -114,19 +133,20 @@ def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int 
         if not logits:
             raise SegrewardError("no images to calibrate on")
         num_classes = num_classes or logits[0].shape[0]
-        parts = [flatten_labelled(z.unsqueeze(0), y.unsqueeze(0), num_classes, ignore_index, f"image {j}")
+        parts = [flatten_labelled(z.unsqueeze(0), y.unsqueeze(0), num_classes, ignore_index, f"image {j}", True)
                  for j, (z, y) in enumerate(zip(logits, labels))]
-        z = torch.cat([p[0] for p in parts])
+        zc = torch.cat([p[0] for p in parts], dim=1)
         t = torch.cat([p[1] for p in parts])
         image = torch.cat([torch.full_like(p[1], j) for j, p in enumerate(parts)])
         n = len(parts)
     else:
         num_classes = num_classes or logits.shape[1 if logits.dim() == 4 else -1]
-        z, t, image = flatten_labelled(logits, labels, num_classes, ignore_index)
+        zc, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, class_major=True)
         n = logits.shape[0] if logits.dim() == 4 else 1
     if t.numel() == 0:
         raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    return PixelSet(z, t, image, n)
+    z = torch.empty(zc.shape[1], zc.shape[0], dtype=torch.float64, device=zc.device).copy_(zc.t())
+    return PixelSet(z, t, image, n, zc)
 
 
 def argmax_with_offsets(z: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -142,6 +162,18 @@ def counts_of(pred: torch.Tensor, t: torch.Tensor, c: int) -> torch.Tensor:
                         torch.bincount(t, minlength=c).to(torch.float64)], dim=-1)
 
 
+def set_confusion(pixels: PixelSet, offsets: torch.Tensor) -> torch.Tensor:
+    """``[C, C]`` confusion (label x prediction) of the set's argmax under ``offsets``."""
+    pred = argmax_with_offsets(pixels.z, offsets)
+    return confusion_matrix(pred.view(1, -1), pixels.t.view(1, -1), pixels.num_classes, validate=False)[0]
+
+
+def confusion_reward(form: CountReward, cm: torch.Tensor) -> float:
+    """The reward of a ``[C, C]`` confusion matrix."""
+    cm = cm.to(torch.float64)
+    return float(reward_from_counts(form, cm.diagonal(), cm.sum(0), cm.sum(1)))
+
+
 def set_reward(form: CountReward, pixels: PixelSet, offsets: torch.Tensor) -> float:
     """The dataset-level reward of the set's argmax prediction under ``offsets``."""
     k = counts_of(argmax_with_offsets(pixels.z, offsets), pixels.t, pixels.num_classes)
@@ -150,9 +182,7 @@ def set_reward(form: CountReward, pixels: PixelSet, offsets: torch.Tensor) -> fl
 
 def set_scores(pixels: PixelSet, offsets: torch.Tensor) -> dict:
     """MMSegmentation's dataset-level scores (percent) of the set under ``offsets``."""
-    pred = argmax_with_offsets(pixels.z, offsets)
-    cm = confusion_matrix(pred.view(1, -1), pixels.t.view(1, -1), pixels.num_classes, validate=False)[0]
-    return scores_from_confusion(cm)
+    return scores_from_confusion(set_confusion(pixels, offsets))
 
 
 def check_offsets(init, num_classes: int, what: str = "init") -> torch.Tensor:
@@ -180,7 +210,9 @@ class _Top2:
     after it, a pixel's new best is ``k`` or that class. Raising ``b_k`` can only push ``k`` up:
     the new second is the old best or second, or ``k``. Lowering it needs each row's third
     class only where ``k`` was one of the two and falls below the other: only those rows are
-    recomputed. Scores ``z_k + b_k`` are float64 sums, as ``argmax(z + b)`` in float64 makes them.
+    recomputed. Scores ``z_k + b_k`` are float64 sums, as ``argmax(z + b)`` in float64 makes
+    them; values move by ``maximum``/``minimum`` (exact) and class ids (int32) by integer
+    arithmetic, which is several times cheaper than ``torch.where`` on a CPU.
     """
 
     def __init__(self, zc: torch.Tensor, b: torch.Tensor):
@@ -193,22 +225,23 @@ class _Top2:
         the first maximum wins, as ``argmax`` (a reduction over the strided class dim is slow)."""
         r, dev = zc.shape[1], zc.device
         v1 = zc[0].to(torch.float64) + b[0]
-        i1 = torch.zeros(r, dtype=torch.long, device=dev)
+        i1 = torch.zeros(r, dtype=torch.int32, device=dev)
         v2 = torch.full_like(v1, -float("inf"))
         i2 = torch.ones_like(i1)
         for k in range(1, zc.shape[0]):
             x = zc[k].to(torch.float64) + b[k]
-            above1, above2 = x > v1, x > v2
-            v2 = torch.where(above1, v1, torch.where(above2, x, v2))
-            i2 = torch.where(above1, i1, torch.where(above2, k, i2))
-            v1 = torch.where(above1, x, v1)
-            i1 = torch.where(above1, k, i1)
+            above1, above2 = x > v1, x > v2  # above1 implies above2
+            i2 += above2 * (k - i2)
+            i2 += above1 * (i1 - i2)
+            i1 += above1 * (k - i1)
+            v2 = torch.maximum(v2, torch.minimum(v1, x))
+            v1 = torch.maximum(v1, x)
         return v1, i1, v2, i2
 
     def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(first, argmax, max)`` of each row over the classes other than ``k``; ``first``: ``k`` is the best."""
         first = self.i1 == k
-        return first, torch.where(first, self.i2, self.i1), torch.where(first, self.v2, self.v1)
+        return first, self.i1 + first * (self.i2 - self.i1), torch.where(first, self.v2, self.v1)
 
     def score(self, k: int) -> torch.Tensor:
         return self.zc[k].to(torch.float64) + self.b[k]  # (a 0-dim float64 would not promote float32)
@@ -219,12 +252,13 @@ class _Top2:
         self.b[k] = value
         x = self.score(k)
         wins = (x > best_other) | ((x == best_other) & (k < src))  # k is the new best
-        if rising:
-            second = (x > self.v2) | ((x == self.v2) & (k < self.i2))  # k is the new second
-            self.v2 = torch.where(wins, best_other, torch.where(second, x, self.v2))
-            self.i2 = torch.where(wins, src, torch.where(second, k, self.i2))
-            self.v1 = torch.where(wins, x, best_other)
-            self.i1 = torch.where(wins, k, src)
+        if rising:  # the new second: the old best if k wins, else k or the old second
+            second = (x > self.v2) | ((x == self.v2) & (k < self.i2))
+            self.i2 += second * (k - self.i2)
+            self.i2 += wins * (src - self.i2)
+            self.i1 = src + wins * (k - src)
+            self.v2 = torch.minimum(torch.maximum(x, self.v2), best_other)
+            self.v1 = torch.maximum(x, best_other)
             return
         self.v1 = torch.where(first, x, self.v1)  # rows where k stays the best; the others are recomputed
         rows = torch.nonzero(((first | (self.i2 == k)) & ~wins)).flatten()
@@ -250,11 +284,10 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     label_area = torch.bincount(t, minlength=c).to(torch.float64)
     if c == 1:  # one class: nothing to choose
         return b - b.mean(), [set_reward(form, pixels, b)], True
-    zc = z.t().contiguous()
-    if zc.dtype == torch.float64 and bool((zc.float().double() == zc).all()):
-        zc = zc.float()  # float32 logits held in float64: half the bytes per pass, every sum the same
+    zc = pixels.class_major()
     top = _Top2(zc, b)
-    t2 = 2 * torch.nn.functional.one_hot(t, c).t().to(torch.int8)  # [C, M]: 2 where the label is that class
+    t32 = t.to(torch.int32)
+    t2 = torch.zeros(c, t.numel(), dtype=torch.int8, device=t.device).scatter_(0, t.view(1, -1), 2)  # 2 at the label
     small = t.numel() <= _SMALL
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
@@ -272,7 +305,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
                 x, r = step.offset, step.reward
             else:
                 code = src * 3
-                code += t == src
+                code += t32 == src
                 code += t2[k]
                 x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol)
             if x != offsets[k]:
@@ -307,12 +340,14 @@ def fit_offsets(logits, labels, reward="miou", num_classes: int | None = None, i
     c = pixels.num_classes
     form = check_count_form(reward, c, class_weights)
     zero = torch.zeros(c, dtype=torch.float64)
-    before = set_reward(form, pixels, zero)
+    cm_before = set_confusion(pixels, zero)
     b, history, converged = fit_pixels(pixels, form, max_sweeps, bound, init, tol, progress)
+    cm_after = set_confusion(pixels, b)
     cv = None
     if kfold:
         from segreward.calibrate.kfold import cross_validate
         cv = cross_validate(pixels, form, kfold, kfold_seed, max_sweeps=max_sweeps, bound=bound, init=init, tol=tol)
-    return Calibration(offsets=b, reward=form.name, reward_before=before, reward_after=set_reward(form, pixels, b),
-                       sweeps=len(history), converged=converged, history=history,
-                       scores_before=set_scores(pixels, zero), scores_after=set_scores(pixels, b), cv=cv)
+    return Calibration(offsets=b, reward=form.name, reward_before=confusion_reward(form, cm_before),
+                       reward_after=confusion_reward(form, cm_after), sweeps=len(history), converged=converged,
+                       history=history, scores_before=scores_from_confusion(cm_before),
+                       scores_after=scores_from_confusion(cm_after), cv=cv)

@@ -47,7 +47,7 @@ def cross_validate(pixels: PixelSet, form: CountReward, k: int = 5, seed: int = 
     gains, offsets = [], []
     for f in range(k):
         held = fold == f
-        train = PixelSet(pixels.z[~held], pixels.t[~held], pixels.image[~held], n)
+        train = pixels.where(~held)
         if train.t.numel() == 0 or not bool(held.any()):
             continue
         b, _, _ = fit_pixels(train, form, **fit_kw)

@@ -280,16 +280,15 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
         target = torch.where(state == 2, c, torch.where(state == 1, src, -1))
         lo, hi, reward = reward_curve(form, tau, src, target, c, label_area, eps=eps)
         return _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
-    idx = (tau - t_lo).div_((t_hi - t_lo) / nb).floor_().long().clamp_(0, nb - 1)
+    # (tau - t_lo) / width >= 0: truncation is the floor.
+    idx = (tau - t_lo).div_((t_hi - t_lo) / nb).long().clamp_(max=nb - 1)
     h = count(torch.add(code, idx, alpha=3 * num_classes), nb * num_classes * 3)
-    h = h.view(nb, num_classes, 3).to(torch.float64)
-    # Counts at every edge e (bins < e moved): [nb + 1, C].
-    zero = h.new_zeros(1, num_classes)
-    moved = torch.cat([zero, torch.cumsum(h.sum(-1), 0)])
-    lost = torch.cat([zero, torch.cumsum(h[..., 1], 0)])
-    into_c = torch.cat([h.new_zeros(1), torch.cumsum(h[..., 2].sum(-1), 0)])
-    per_src = h.sum(0)
-    p_e, i_e = per_src.sum(-1) - moved, per_src[:, 1] - lost
+    # Per (bin, source class, state: label neither / the source / c), running over the bins from
+    # a zero row: [nb + 1, C, 3]; the moves out of each class, its hits lost, c's hits gained.
+    h = torch.cumsum(h.view(nb, num_classes, 3), 0).to(torch.float64)
+    h = torch.cat([h.new_zeros(1, num_classes, 3), h])
+    moved, lost, into_c = h.sum(-1), h[..., 1], h[..., 2].sum(-1)
+    p_e, i_e = moved[-1] - moved, lost[-1] - lost  # counts at every edge e (bins < e moved): [nb + 1, C]
     p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
     lab_e = lab.expand_as(p_e)
     edge_reward = reward_from_counts(form, i_e, p_e, lab_e)
@@ -311,15 +310,17 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
 
     best = usable(edge_reward, below, above).max().clamp(min=current_reward)
     # Every state inside the promising bins at once: their pixels in (bin, threshold) order, each
-    # bin from its own lower edge (segments are bins). A move's state is reachable when the next
-    # pixel of its bin lies more than eps above it (the others get reward -inf); the states at
-    # the bins' edges are counted above. The one host read: how many pixels that is.
-    sel = torch.nonzero((ub > best + tol)[idx]).flatten()
-    if sel.numel():
+    # bin from its own lower edge. A move's state is reachable when the next pixel of its bin lies
+    # more than eps above it (the others get reward -inf); the states at the bins' edges are
+    # counted above. Host reads: which bins, and how many pixels they hold.
+    bins = torch.nonzero(ub > best + tol).flatten()
+    if bins.numel():
+        flag = torch.zeros(nb, dtype=torch.uint8, device=dev).index_fill_(0, bins, 1)
+        sel = torch.nonzero(flag.index_select(0, idx)).flatten()
         sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
         kb = idx[sel]
         t_s = tau[sel]
-        after = _after_moves(form, t_s, code[sel], kb, c, lab, i_e, p_e)
+        after = _after_moves(form, t_s, code[sel], torch.searchsorted(bins, kb), c, lab, i_e[bins], p_e[bins])
         nxt = torch.cat([t_s[1:], t_s.new_tensor([inf])])
         same_bin = torch.cat([kb[1:] == kb[:-1], kb.new_zeros(1, dtype=torch.bool)])
         lows.append(t_s)
