@@ -53,10 +53,8 @@ run it on an idle one.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -83,6 +81,8 @@ from segreward.metrics import confusion_matrix
 from segreward.models import build_model, count_parameters
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from _common import machine_info, write_result  # noqa: E402  (benchmarks/ is not a package)
 IGNORE = 255
 DAY, DUSK = ("0006R0", "0016E5"), "0001TP"
 PARTS = ("grid", "streaming", "large")  # 1. exact vs grid, 2. streaming vs exact, 3. large streaming run
@@ -595,10 +595,8 @@ def main(argv=None) -> dict:
 
     result["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
     result["command"] = "python benchmarks/calibrate.py " + " ".join(args.argv)
-    result["machine"] = {"torch": torch.__version__, "python": platform.python_version(),
-                         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
-                         "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+    result["machine"] = {**machine_info(), "device": args.device, "loadavg_before": load0,
+                         "loadavg_after": os.getloadavg()}
     result["runtime_s"] = time.perf_counter() - t_start
     result["runtime_cpu_s"] = time.process_time() - cpu_start
     if "source" in result:
@@ -609,10 +607,7 @@ def main(argv=None) -> dict:
           f"{torch.get_num_threads()} threads; total {result['runtime_s']:.0f} s "
           f"({result['runtime_cpu_s']:.0f} CPU s; per part " +
           ", ".join(f"{k} {v['wall']:.0f} s" for k, v in result["part_seconds"].items()) + ")")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, result)}")
     return result
 
 
