@@ -220,16 +220,20 @@ class _Top2:
         self.v1, self.i1, self.v2, self.i2 = self._full(zc, self.b)
 
     @staticmethod
-    def _full(zc: torch.Tensor, b: torch.Tensor):
-        """Top two of every column of ``zc [C, R] + b``: one pass per class with strict ``>``, so
-        the first maximum wins, as ``argmax`` (a reduction over the strided class dim is slow)."""
+    def _full(zc: torch.Tensor, b: torch.Tensor | None):
+        """Top two of every column of the scores ``zc [C, R] + b`` (``b`` None: ``zc`` are the
+        float64 scores): one pass per class with strict ``>``, so the first maximum wins, as
+        ``argmax`` (a reduction over the strided class dim is slow)."""
+        def score(k):
+            return zc[k] if b is None else zc[k].to(torch.float64) + b[k]
+
         r, dev = zc.shape[1], zc.device
-        v1 = zc[0].to(torch.float64) + b[0]
+        v1 = score(0).clone()
         i1 = torch.zeros(r, dtype=torch.int32, device=dev)
         v2 = torch.full_like(v1, -float("inf"))
         i2 = torch.ones_like(i1)
         for k in range(1, zc.shape[0]):
-            x = zc[k].to(torch.float64) + b[k]
+            x = score(k)
             above1, above2 = x > v1, x > v2  # above1 implies above2
             i2 += above2 * (k - i2)
             i2 += above1 * (i1 - i2)

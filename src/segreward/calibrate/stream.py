@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from segreward.calibrate.exact import Calibration, check_settings, check_offsets, flatten_labelled
+from segreward.calibrate.exact import Calibration, _Top2, check_settings, check_offsets, flatten_labelled
 from segreward.calibrate.search import check_count_form
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
@@ -31,6 +31,33 @@ from segreward.metrics import all_reduce_cpu, scores_from_confusion
 __all__ = ["fit_offsets_streaming", "ThresholdHistogram"]
 
 _CHUNK = 1 << 18  # pixels binned at once: bounds the [pixels, C] temporaries
+
+
+def _pass_counts(zc: torch.Tensor, t: torch.Tensor, b: torch.Tensor, bins: int, span: float):
+    """``(hist, confusion)`` of pixels with class-major logits ``zc [C, P]`` and labels ``t [P]``
+    (int32) at offsets ``b`` (float64): see :class:`ThresholdHistogram`.
+
+    Every (class, pixel) pair at once over contiguous ``[C, P]`` planes, without gathers or
+    ``torch.where`` (slow on a CPU): with ``v1, v2`` a pixel's two best scores, its threshold for
+    class ``k`` is ``(v1 - s_k) + [k is best] (v2 - v1) + b_k``, which is exactly ``(best other
+    - s_k) + b_k`` (``s_k = v1`` where ``k`` is best, and adding 0 is exact). Scores are float64
+    sums ``z + b`` as in the in-memory mode; class ids and keys int32.
+    """
+    c, dev = zc.shape[0], zc.device
+    nb = bins + 2
+    scores = zc.to(torch.float64).add_(b.unsqueeze(1))  # [C, P]
+    v1, i1, v2, i2 = _Top2._full(scores, None)  # first maximum on ties, like argmax
+    confusion = torch.bincount(t * c + i1, minlength=c * c)
+    if c == 1:
+        return torch.zeros(c * nb * c * 3, dtype=torch.long, device=dev), confusion
+    k = torch.arange(c, dtype=torch.int32, device=dev).unsqueeze(1)
+    first = i1 == k  # [C, P]
+    src = (i2 - i1) * first + i1
+    tau = torch.sub(v1, scores, out=scores).addcmul_(first, (v2 - v1)).add_(b.unsqueeze(1))
+    idx = tau.sub_((b - span).unsqueeze(1)).div_(2.0 * span / bins).floor_().add_(1).clamp_(0, bins + 1)
+    key = (src * 3 + (t == src)).add_(2 * (t == k))  # (source class, state), then the bin and class
+    key += (idx.to(torch.int32) + k * nb) * (3 * c)
+    return torch.bincount(key.view(-1), minlength=c * nb * c * 3), confusion
 
 
 class ThresholdHistogram:
@@ -46,30 +73,16 @@ class ThresholdHistogram:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        z, t, _ = flatten_labelled(logits, labels, self.c, self.ignore_index, where="calibration batch")
-        dev = z.device
-        b = self.b.to(dev)
-        lo = (b - self.span).unsqueeze(0)
-        classes = torch.arange(self.c, device=dev)
+        zc, t, _ = flatten_labelled(logits, labels, self.c, self.ignore_index, where="calibration batch",
+                                    class_major=True)
+        dev = zc.device
         hist, confusion = self.hist.to(dev), self.confusion.to(dev)
+        b = self.b.to(dev)
         for start in range(0, t.numel(), _CHUNK):
-            s = z[start:start + _CHUNK] + b
-            tt = t[start:start + _CHUNK]
-            top2 = s.topk(min(2, self.c), dim=1)
-            v1, i1 = top2.values[:, :1], top2.indices[:, :1]
-            pred = s.argmax(dim=1)  # first maximum, as the model's argmax
-            confusion += torch.bincount(tt * self.c + pred, minlength=self.c * self.c)
-            if self.c == 1:
-                continue
-            v2, i2 = top2.values[:, 1:], top2.indices[:, 1:]
-            first = i1 == classes  # [P, C]: class c is the pixel's top class
-            best_other = torch.where(first, v2, v1)
-            src = torch.where(first, i2, i1)
-            tau = best_other - s + b  # threshold of b_c: z_c + b_c > best other <=> b_c > tau
-            idx = torch.floor((tau - lo) / self.width).add_(1).clamp_(0, self.bins + 1).long()
-            state = (tt.unsqueeze(1) == src).long() + 2 * (tt.unsqueeze(1) == classes).long()
-            flat = ((classes * (self.bins + 2) + idx) * self.c + src) * 3 + state
-            hist += torch.bincount(flat.flatten(), minlength=hist.numel())
+            h, cm = _pass_counts(zc[:, start:start + _CHUNK], t[start:start + _CHUNK].to(torch.int32), b,
+                                 self.bins, self.span)
+            hist += h
+            confusion += cm
         self.hist, self.confusion = hist.cpu(), confusion.cpu()
 
     def all_reduce(self) -> None:
