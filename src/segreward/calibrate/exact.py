@@ -39,6 +39,7 @@ class Calibration:
     scores_after: dict | None = None
     cv: dict | None = None  # k-fold estimate, see segreward.calibrate.kfold
     mode: str = "exact"
+    num_images: int | None = None  # images calibrated on (streaming: this process's shard)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -48,7 +48,8 @@ def fit_passes(passes, num_classes: int, ignore_index: int = 255, mode: str = "a
                progress: bool = False) -> tuple[Calibration, PixelSet | None]:
     """``(calibration, pixels)``: exact mode (``pixels`` held) or streaming (``pixels`` None;
     under DDP the histograms are all-reduced, and exact mode is refused: it would need every
-    rank's logits)."""
+    rank's logits). ``kfold``: the k-fold estimate in either mode (streaming: ``k`` more
+    streaming fits and one scoring pass, see :func:`~segreward.calibrate.kfold.cross_validate_streaming`)."""
     mode = choose_mode(mode, values)
     if mode == "exact":
         if distributed:
@@ -60,5 +61,9 @@ def fit_passes(passes, num_classes: int, ignore_index: int = 255, mode: str = "a
                                 class_weights=class_weights, max_sweeps=max_sweeps, bound=bound, bins=bins,
                                 span=span, progress=progress)
     if kfold:
-        cal.cv = {"skipped": "the k-fold estimate needs mode exact (it refits k times)"}
+        from segreward.calibrate.kfold import cross_validate_streaming
+        from segreward.calibrate.search import check_count_form
+        cal.cv = cross_validate_streaming(passes, num_classes, cal.num_images, check_count_form(
+            reward, num_classes, class_weights), kfold, ignore_index=ignore_index, distributed=distributed,
+            bound=bound, max_sweeps=max_sweeps, bins=bins, span=span)
     return cal, None

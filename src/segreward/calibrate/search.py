@@ -333,6 +333,8 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
 def check_count_form(spec, num_classes: int, class_weights=None) -> CountReward:
     """The counts form of ``spec`` or a one-line error saying calibration needs a count reward."""
     from segreward.credit import count_form
+    if isinstance(spec, CountReward):
+        return spec
     try:
         return count_form(spec, num_classes, class_weights)
     except SegrewardError as e:

@@ -157,10 +157,14 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
     form = check_count_form(reward, num_classes, class_weights)
     b = check_offsets(init, num_classes)
 
+    images = [0]  # in this process's passes
+
     def run_pass(offsets: torch.Tensor) -> tuple[ThresholdHistogram, float]:
         h = ThresholdHistogram(offsets, bins, span, ignore_index)
+        images[0] = 0
         for logits, labels in passes():
             h.update(logits, labels)
+            images[0] += labels.shape[0]
         h.all_reduce()
         cnt = h.counts()
         if float(cnt[:, 2].sum()) == 0:
@@ -207,4 +211,5 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
     return Calibration(offsets=b - b.mean(), reward=form.name, reward_before=history[0], reward_after=r,
                        sweeps=len(history), converged=converged, history=history,
                        scores_before=scores_from_confusion(first[2].confusion.view(c, c)),
-                       scores_after=scores_from_confusion(hist.confusion.view(c, c)), mode="streaming")
+                       scores_after=scores_from_confusion(hist.confusion.view(c, c)), mode="streaming",
+                       num_images=images[0])
