@@ -251,9 +251,11 @@ class _Top2:
     def score(self, k: int) -> torch.Tensor:
         return self.zc[k].to(torch.float64) + self.b[k]  # (a 0-dim float64 would not promote float32)
 
-    def set(self, k: int, value: float, first: torch.Tensor, src: torch.Tensor, best_other: torch.Tensor) -> None:
-        """``b_k = value``; ``(first, src, best_other)`` as :meth:`without` gave them before."""
-        rising = value > float(self.b[k])
+    def set(self, k: int, old: float, value: float, first: torch.Tensor, src: torch.Tensor,
+            best_other: torch.Tensor) -> None:
+        """``b_k``: ``old -> value`` (host floats: no read from the device); ``(first, src,
+        best_other)`` as :meth:`without` gave them before."""
+        rising = value > old
         self.b[k] = value
         x = self.score(k)
         wins = (x > best_other) | ((x == best_other) & (k < src))  # k is the new best
@@ -314,7 +316,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
                 code += t2[k]
                 x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol)
             if x != offsets[k]:
-                top.set(k, x, first, src, best_other)
+                top.set(k, offsets[k], x, first, src, best_other)
                 offsets[k], reward_now, unchanged = x, r, 0
             else:
                 unchanged += 1

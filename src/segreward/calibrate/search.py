@@ -52,7 +52,7 @@ def count(key: torch.Tensor, size: int) -> torch.Tensor:
     into ``size`` zeros (CUDA's bincount reads the largest key back to the host first)."""
     if key.device.type == "cpu":
         return torch.bincount(key, minlength=size)
-    return torch.zeros(size, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key))
+    return torch.zeros(size, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key, dtype=torch.long))
 
 
 def _eps_of_range(t_lo: float, t_hi: float) -> float:

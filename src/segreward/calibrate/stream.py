@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from segreward.calibrate.exact import Calibration, _Top2, check_settings, check_offsets, flatten_labelled
-from segreward.calibrate.search import check_count_form
+from segreward.calibrate.search import check_count_form, count
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 from segreward.metrics import all_reduce_cpu, scores_from_confusion
@@ -47,7 +47,7 @@ def _pass_counts(zc: torch.Tensor, t: torch.Tensor, b: torch.Tensor, bins: int, 
     nb = bins + 2
     scores = zc.to(torch.float64).add_(b.unsqueeze(1))  # [C, P]
     v1, i1, v2, i2 = _Top2._full(scores, None)  # first maximum on ties, like argmax
-    confusion = torch.bincount(t * c + i1, minlength=c * c)
+    confusion = count(t * c + i1, c * c)
     if c == 1:
         return torch.zeros(c * nb * c * 3, dtype=torch.long, device=dev), confusion
     k = torch.arange(c, dtype=torch.int32, device=dev).unsqueeze(1)
@@ -57,7 +57,7 @@ def _pass_counts(zc: torch.Tensor, t: torch.Tensor, b: torch.Tensor, bins: int, 
     idx = tau.sub_((b - span).unsqueeze(1)).div_(2.0 * span / bins).floor_().add_(1).clamp_(0, bins + 1)
     key = (src * 3 + (t == src)).add_(2 * (t == k))  # (source class, state), then the bin and class
     key += (idx.to(torch.int32) + k * nb) * (3 * c)
-    return torch.bincount(key.view(-1), minlength=c * nb * c * 3), confusion
+    return count(key.view(-1), c * nb * c * 3), confusion
 
 
 class ThresholdHistogram:
