@@ -167,6 +167,7 @@ def _after_moves(form: CountReward, tau_s: torch.Tensor, code_s: torch.Tensor, s
     total, weight = None, 0.0
     for terms, w in form.parts:
         cw = term_weight(terms)
+        cw = None if cw is None else cw.to(dev)
         w_g = None if cw is None else rep(cw.repeat(nseg), sizes)
         w_c = None if cw is None else cw[c]
         a_new, b_new = class_terms(terms, i_g - left_hits, p_g - rank, l_g, w_g)
