@@ -90,11 +90,10 @@ def _check_logits(logits: torch.Tensor, where: str = "logits") -> None:
         raise SegrewardError(f"{where} hold {bad} NaN or infinite values; calibrate a model whose outputs are finite")
 
 
-def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                     where: str = "logits", class_major: bool = False):
-    """``(z [M, C], t [M], image [M])`` of the labelled pixels of ``logits [N, C, H, W]`` and
-    ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input.
-    ``z`` is float64; with ``class_major``, ``[C, M]`` in the logits' precision (float32 at least)."""
+def checked_batch(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                  where: str = "logits") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits [N, C, H, W], labels [N, H, W] long, valid [N, H, W])`` of ``logits`` and ``labels``
+    (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input."""
     if logits.dim() == 2:
         logits, labels = logits.t().reshape(1, logits.shape[1], -1, 1), labels.reshape(1, -1, 1)
     if logits.dim() != 4 or labels.dim() != 3:
@@ -117,6 +116,16 @@ def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
         values = torch.unique(labels[bad])[:10].tolist()
         raise SegrewardError(f"{where}: label values {values} are outside 0..{num_classes - 1} and are not the "
                              f"ignore index {ignore_index}")
+    return logits, labels, valid
+
+
+def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                     where: str = "logits", class_major: bool = False):
+    """``(z [M, C], t [M], image [M])`` of the labelled pixels of ``logits [N, C, H, W]`` and
+    ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input.
+    ``z`` is float64; with ``class_major``, ``[C, M]`` in the logits' precision (float32 at least)."""
+    logits, labels, valid = checked_batch(logits, labels, num_classes, ignore_index, where)
+    n, _, h, w = logits.shape
     t = labels[valid]
     image = torch.arange(n, device=labels.device).view(n, 1, 1).expand(n, h, w)[valid]
     if class_major:  # [C, M] in the logits' precision (at least float32)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from segreward.calibrate.exact import Calibration, _Top2, check_settings, check_offsets, flatten_labelled
+from segreward.calibrate.exact import Calibration, _Top2, check_settings, check_offsets, checked_batch
 from segreward.calibrate.search import check_count_form, count
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
@@ -35,7 +35,8 @@ _CHUNK = 1 << 18  # pixels binned at once: bounds the [pixels, C] temporaries
 
 def _pass_counts(zc: torch.Tensor, t: torch.Tensor, b: torch.Tensor, bins: int, span: float):
     """``(hist, confusion)`` of pixels with class-major logits ``zc [C, P]`` and labels ``t [P]``
-    (int32) at offsets ``b`` (float64): see :class:`ThresholdHistogram`.
+    (int32; ``C`` for an ignored pixel: counted nowhere) at offsets ``b`` (float64): see
+    :class:`ThresholdHistogram`.
 
     Every (class, pixel) pair at once over contiguous ``[C, P]`` planes, without gathers or
     ``torch.where`` (slow on a CPU): with ``v1, v2`` a pixel's two best scores, its threshold for
@@ -47,17 +48,24 @@ def _pass_counts(zc: torch.Tensor, t: torch.Tensor, b: torch.Tensor, bins: int, 
     nb = bins + 2
     scores = zc.to(torch.float64).add_(b.unsqueeze(1))  # [C, P]
     v1, i1, v2, i2 = _Top2._full(scores, None)  # first maximum on ties, like argmax
-    confusion = count(t * c + i1, c * c)
+    confusion = count(t * c + i1, (c + 1) * c)[:c * c]  # ignored pixels: row c, dropped
+    size = c * nb * c * 3
     if c == 1:
-        return torch.zeros(c * nb * c * 3, dtype=torch.long, device=dev), confusion
+        return torch.zeros(size, dtype=torch.long, device=dev), confusion
     k = torch.arange(c, dtype=torch.int32, device=dev).unsqueeze(1)
     first = i1 == k  # [C, P]
-    src = (i2 - i1) * first + i1
     tau = torch.sub(v1, scores, out=scores).addcmul_(first, (v2 - v1)).add_(b.unsqueeze(1))
     idx = tau.sub_((b - span).unsqueeze(1)).div_(2.0 * span / bins).floor_().add_(1).clamp_(0, bins + 1)
-    key = (src * 3 + (t == src)).add_(2 * (t == k))  # (source class, state), then the bin and class
+    # Key ((k nb + bin) C + src) 3 + state, state = [label == src] + 2 [label == k]: per pixel the
+    # codes of its two candidate sources, per pair the one that applies.
+    code1, code2 = i1 * 3 + (t == i1), i2 * 3 + (t == i2)
+    key = torch.zeros(c + 1, t.numel(), dtype=torch.int32, device=dev).scatter_(0, t.long().unsqueeze(0), 2)[:c]
+    key += first * (code2 - code1)
+    key += code1
     key += (idx.to(torch.int32) + k * nb) * (3 * c)
-    return count(key.view(-1), c * nb * c * 3), confusion
+    ignored = t == c
+    key.mul_(~ignored).add_(size * ignored)  # ignored pixels' pairs: one extra bin, dropped
+    return count(key.view(-1), size + 1)[:size], confusion
 
 
 class ThresholdHistogram:
@@ -73,16 +81,21 @@ class ThresholdHistogram:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        zc, t, _ = flatten_labelled(logits, labels, self.c, self.ignore_index, where="calibration batch",
-                                    class_major=True)
-        dev = zc.device
+        logits, labels, valid = checked_batch(logits, labels, self.c, self.ignore_index, where="calibration batch")
+        n, c = logits.shape[:2]
+        dev = logits.device
         hist, confusion = self.hist.to(dev), self.confusion.to(dev)
         b = self.b.to(dev)
-        for start in range(0, t.numel(), _CHUNK):
-            h, cm = _pass_counts(zc[:, start:start + _CHUNK], t[start:start + _CHUNK].to(torch.int32), b,
-                                 self.bins, self.span)
-            hist += h
-            confusion += cm
+        # Image by image: logits[i] is already class-major [C, H*W] (no copy); ignored pixels get
+        # label c and are counted apart (no compaction pass).
+        t_all = labels.masked_fill(~valid, c).to(torch.int32).view(n, -1)
+        for i in range(n):
+            z = logits[i].reshape(c, -1)
+            for start in range(0, z.shape[1], _CHUNK):
+                h, cm = _pass_counts(z[:, start:start + _CHUNK], t_all[i, start:start + _CHUNK], b, self.bins,
+                                     self.span)
+                hist += h
+                confusion += cm
         self.hist, self.confusion = hist.cpu(), confusion.cpu()
 
     def all_reduce(self) -> None:
