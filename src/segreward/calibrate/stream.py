@@ -86,14 +86,17 @@ class ThresholdHistogram:
         dev = logits.device
         hist, confusion = self.hist.to(dev), self.confusion.to(dev)
         b = self.b.to(dev)
-        # Image by image: logits[i] is already class-major [C, H*W] (no copy); ignored pixels get
-        # label c and are counted apart (no compaction pass).
-        t_all = labels.masked_fill(~valid, c).to(torch.int32).view(n, -1)
-        for i in range(n):
-            z = logits[i].reshape(c, -1)
+        # Class-major [C, pixels] planes: one image's logits[i] already is one (no copy); small
+        # images are grouped (one copy) so that the per-call histogram work is not repeated per
+        # image. Ignored pixels get label c and are counted apart (no compaction pass).
+        t_all = labels.masked_fill(~valid, c).to(torch.int32).view(-1)
+        hw = t_all.numel() // max(n, 1)
+        group = max(1, _CHUNK // max(hw, 1))
+        for i in range(0, n, group):
+            z = logits[i:i + group].transpose(0, 1).reshape(c, -1)
+            t = t_all[i * hw:(i + group) * hw]
             for start in range(0, z.shape[1], _CHUNK):
-                h, cm = _pass_counts(z[:, start:start + _CHUNK], t_all[i, start:start + _CHUNK], b, self.bins,
-                                     self.span)
+                h, cm = _pass_counts(z[:, start:start + _CHUNK], t[start:start + _CHUNK], b, self.bins, self.span)
                 hist += h
                 confusion += cm
         self.hist, self.confusion = hist.cpu(), confusion.cpu()
