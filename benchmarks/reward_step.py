@@ -17,7 +17,7 @@ Three measurements, side by side in one run, written to benchmarks/results/rewar
    * ``local_image``   -- ``estimator="local"``, K=1: exact per-pixel credit of per-image mIoU,
    * ``local_batch``   -- the same with ``scope="batch"`` (mIoU of the batch's summed counts),
 
-   and each one's ratio to the CE step (goals: ``reinforce_k4`` <= 1.10x, ``local_*`` <= 1.20x
+   and each one's ratio to the CE step (goals: ``reinforce_k4`` <= 1.10x, ``local_*`` <= 1.10x
    on CPU). Peak memory of one step per variant is reported next to CE: on CUDA
    ``max_memory_allocated`` (and its rise over the memory held before the step); on CPU the
    peak of the profiler's memory timeline of the step (tensors the step touches or creates). Each variant has

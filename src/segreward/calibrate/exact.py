@@ -47,28 +47,35 @@ class Calibration:
         return out
 
 
-@dataclass
 class PixelSet:
-    """The labelled pixels of a set: logits ``z [M, C]`` (float64), labels ``t [M]``, and the
-    image each pixel came from (``image [M]``, for k-fold splits); optionally the same logits
-    class-major in their own precision, ``zc [C, M]`` (what the fit reads; see :meth:`class_major`)."""
+    """The labelled pixels of a set: labels ``t [M]``, the image each pixel came from
+    (``image [M]``, for k-fold splits), and their logits, row-major float64 ``z [M, C]`` and/or
+    class-major ``zc [C, M]`` in their own precision (what the fit reads, see :meth:`class_major`).
+    Either may be given; ``z`` is made from ``zc`` when first read (the fit never needs it)."""
 
-    z: torch.Tensor
-    t: torch.Tensor
-    image: torch.Tensor
-    num_images: int
-    zc: torch.Tensor | None = None
+    def __init__(self, z: torch.Tensor | None, t: torch.Tensor, image: torch.Tensor, num_images: int,
+                 zc: torch.Tensor | None = None):
+        if z is None and zc is None:
+            raise SegrewardError("PixelSet needs logits: z [M, C] or zc [C, M]")
+        self._z, self.t, self.image, self.num_images, self.zc = z, t, image, num_images, zc
+
+    @property
+    def z(self) -> torch.Tensor:
+        if self._z is None:
+            zc = self.zc
+            self._z = torch.empty(zc.shape[1], zc.shape[0], dtype=torch.float64, device=zc.device).copy_(zc.t())
+        return self._z
 
     @property
     def num_classes(self) -> int:
-        return self.z.shape[1]
+        return self.zc.shape[0] if self.zc is not None else self._z.shape[1]
 
     def subset(self, images: torch.Tensor) -> "PixelSet":
         return self.where(torch.isin(self.image, images))
 
     def where(self, keep: torch.Tensor) -> "PixelSet":
         """The pixels where the mask ``keep [M]`` holds."""
-        return PixelSet(self.z[keep], self.t[keep], self.image[keep], self.num_images,
+        return PixelSet(None if self._z is None else self._z[keep], self.t[keep], self.image[keep], self.num_images,
                         None if self.zc is None else self.zc[:, keep])
 
     def class_major(self) -> torch.Tensor:
@@ -155,8 +162,7 @@ def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int 
         n = logits.shape[0] if logits.dim() == 4 else 1
     if t.numel() == 0:
         raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    z = torch.empty(zc.shape[1], zc.shape[0], dtype=torch.float64, device=zc.device).copy_(zc.t())
-    return PixelSet(z, t, image, n, zc)
+    return PixelSet(None, t, image, n, zc)
 
 
 def argmax_with_offsets(z: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -172,9 +178,22 @@ def counts_of(pred: torch.Tensor, t: torch.Tensor, c: int) -> torch.Tensor:
                         torch.bincount(t, minlength=c).to(torch.float64)], dim=-1)
 
 
+def argmax_major(zc: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``argmax_k (z_k + b_k)`` (float64 sums, first maximum on ties) of class-major ``zc [C, M]``:
+    one pass per class over contiguous rows, the same prediction as :func:`argmax_with_offsets`."""
+    b = offsets.to(device=zc.device, dtype=torch.float64)
+    best = zc[0].to(torch.float64) + b[0]
+    arg = torch.zeros(zc.shape[1], dtype=torch.long, device=zc.device)
+    for k in range(1, zc.shape[0]):
+        x = zc[k].to(torch.float64) + b[k]
+        arg += (x > best) * (k - arg)
+        torch.maximum(best, x, out=best)
+    return arg
+
+
 def set_confusion(pixels: PixelSet, offsets: torch.Tensor) -> torch.Tensor:
     """``[C, C]`` confusion (label x prediction) of the set's argmax under ``offsets``."""
-    pred = argmax_with_offsets(pixels.z, offsets)
+    pred = argmax_major(pixels.class_major(), offsets)
     return confusion_matrix(pred.view(1, -1), pixels.t.view(1, -1), pixels.num_classes, validate=False)[0]
 
 

@@ -32,14 +32,16 @@ def collect_pixels(passes, num_classes: int, ignore_index: int = 255) -> PixelSe
     """One pass of ``passes()`` into a :class:`PixelSet` (every image of every batch its own image)."""
     zs, ts, images, n = [], [], [], 0
     for logits, labels in passes():
-        z, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, where=f"images from {n}")
-        zs.append(z.cpu())
+        zc, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, where=f"images from {n}",
+                                        class_major=True)
+        zs.append(zc.cpu())
         ts.append(t.cpu())
         images.append(image.cpu() + n)
         n += labels.shape[0]
     if not ts or sum(t.numel() for t in ts) == 0:
         raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    return PixelSet(torch.cat(zs), torch.cat(ts), torch.cat(images), n)
+    # Class-major in the logits' precision: what the fit reads (the float64 rows only if asked for).
+    return PixelSet(None, torch.cat(ts), torch.cat(images), n, torch.cat(zs, dim=1))
 
 
 def fit_passes(passes, num_classes: int, ignore_index: int = 255, mode: str = "auto", values: int | None = None,
