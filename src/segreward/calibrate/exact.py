@@ -251,24 +251,25 @@ class _Top2:
     @staticmethod
     def _full(zc: torch.Tensor, b: torch.Tensor | None):
         """Top two of every column of the scores ``zc [C, R] + b`` (``b`` None: ``zc`` are the
-        float64 scores): one pass per class with strict ``>``, so the first maximum wins, as
-        ``argmax`` (a reduction over the strided class dim is slow)."""
-        def score(k):
-            return zc[k] if b is None else zc[k].to(torch.float64) + b[k]
+        float64 scores), first maximum on ties as ``argmax``: the maximum by ``amax``, its first
+        index as the number of classes whose running maximum is still below it (a reduction
+        that tracks indices over the strided class dim is slow), then the same without it."""
+        s = zc.to(torch.float64) if b is None else zc.to(torch.float64) + b.unsqueeze(1)
+        if b is None and s.data_ptr() == zc.data_ptr():
+            s = s.clone()  # the caller's scores stay as they are
 
-        r, dev = zc.shape[1], zc.device
-        v1 = score(0).clone()
-        i1 = torch.zeros(r, dtype=torch.int32, device=dev)
-        v2 = torch.full_like(v1, -float("inf"))
-        i2 = torch.ones_like(i1)
-        for k in range(1, zc.shape[0]):
-            x = score(k)
-            above1, above2 = x > v1, x > v2  # above1 implies above2
-            i2 += above2 * (k - i2)
-            i2 += above1 * (i1 - i2)
-            i1 += above1 * (k - i1)
-            v2 = torch.maximum(v2, torch.minimum(v1, x))
-            v1 = torch.maximum(v1, x)
+        def first_max(s):
+            top = s.amax(0)
+            idx = torch.zeros(s.shape[1], dtype=torch.int32, device=s.device)
+            run = s[0].clone()
+            for k in range(1, s.shape[0]):
+                idx += run < top
+                torch.maximum(run, s[k], out=run)
+            return top, idx
+
+        v1, i1 = first_max(s)
+        s.scatter_(0, i1.long().unsqueeze(0), -float("inf"))
+        v2, i2 = first_max(s)
         return v1, i1, v2, i2
 
     def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
