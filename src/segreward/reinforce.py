@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segreward.credit import SCOPES, count_form, counts, credit_table, reward_from_counts
+from segreward.credit import SCOPES, count_form, credit_table, reward_from_counts
 from segreward.errors import SegrewardError
 from segreward.metrics import check_labels, sample_confusion
 from segreward.rewards import REWARDS, get_reward, miou
