@@ -24,13 +24,14 @@ and run on the target domain, so its logits carry the miscalibration of a domain
    off; median of ``--reps``) vs a coordinate-ascent grid search (``--grid-points`` offsets per
    class per sweep in ``b_c +- --grid-radius`` logits, each scored by the dataset reward of
    ``argmax(z + b)`` over all pixels: argmax + bincount), run until it reaches the exact fit's
-   reward, stalls, or ``--grid-max-sweeps``; one run. Goals: exact <= 1 s, >= 20x faster than
-   the grid at equal or better reward.
+   reward, stalls, or ``--grid-max-sweeps``; one run. The exact fit is also given as a number of
+   evaluations (one ``set_reward``: argmax + counts over the same pixels, median, same process).
+   Goals: exact <= 1 s (<= 30 evaluations), >= 20x faster than the grid at equal or better reward.
 2. **Streaming vs exact** on the same set, each through
    :func:`segreward.engine.calibration.calibrate_model` (model passes included): reward gap,
    time, passes, peak memory. One streaming pass (model + threshold histograms) vs a plain
    evaluation pass (model + argmax + confusion matrix), interleaved ``--reps`` rounds, median
-   (goal <= 1.2x); the same two without the model, on the collected logits. Peak memory of
+   (goal <= 1.15x); the same two without the model, on the collected logits. Peak memory of
    streaming (and exact) at ``--flat-images`` images (goal: flat in the number of images).
 3. **A large streaming run**, Cityscapes-val-like as far as the machine allows: ``--stream-images``
    synthetic dusk scenes with labels at ``--stream-size`` and ``--classes`` classes; the model
@@ -53,10 +54,8 @@ run it on an idle one.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -83,6 +82,8 @@ from segreward.metrics import confusion_matrix
 from segreward.models import build_model, count_parameters
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from _common import machine_info, write_result  # noqa: E402  (benchmarks/ is not a package)
 IGNORE = 255
 DAY, DUSK = ("0006R0", "0016E5"), "0001TP"
 PARTS = ("grid", "streaming", "large")  # 1. exact vs grid, 2. streaming vs exact, 3. large streaming run
@@ -343,8 +344,13 @@ def part_exact_vs_grid(logits, labels, args) -> dict:
         times.append(t)
     exact_s = statistics.median(times[1:])
     pixels, flatten_s = timed(lambda: pixel_set(logits, labels))
+    # One evaluation of the same pixels (argmax(z + b) + counts + reward), what a grid point costs:
+    # the exact fit as a number of evaluations, both measured in this process.
+    zero = torch.zeros(logits.shape[1], dtype=torch.float64)
+    eval_s = statistics.median(timed(lambda: set_reward(form, pixels, zero))[1] for _ in range(1 + 2 * args.reps))
     grid = grid_search(pixels, form, cal.reward_after, args.grid_points, args.grid_radius, args.grid_max_sweeps)
     exact = {"reward_before": cal.reward_before, "reward": cal.reward_after, "seconds": exact_s,
+             "evaluation_seconds": eval_s, "evaluations": exact_s / eval_s,
              "seconds_all": times[1:], "flatten_seconds": flatten_s, "sweeps": cal.sweeps,
              "converged": cal.converged, "history": cal.history, "offsets": [float(v) for v in cal.offsets]}
     ratio = grid["seconds"] / exact_s
@@ -352,7 +358,7 @@ def part_exact_vs_grid(logits, labels, args) -> dict:
     return {"pixels": int(pixels.t.numel()), "images": int(logits.shape[0]), "classes": int(logits.shape[1]),
             "exact": exact, "grid": {**grid, "seconds_to_within": within},
             "grid_over_exact_time": ratio,
-            "goals": {"exact_at_most_1s": exact_s <= 1.0,
+            "goals": {"exact_at_most_1s": exact_s <= 1.0, "exact_at_most_30_evaluations": exact_s / eval_s <= 30,
                       "grid_20x_slower_at_equal_reward": grid["reached_exact"] and ratio >= 20,
                       "grid_never_reached_exact_reward": not grid["reached_exact"]}}
 
@@ -394,7 +400,7 @@ def pass_costs(model, dataset, c: int, args) -> dict:
     return {"with_model": with_model, "logits_only": logits_only, "streaming_over_eval": ratio,
             "histograms_over_argmax_confusion": logits_only["histograms"]["median_s"]
             / logits_only["argmax_confusion"]["median_s"],
-            "goal_at_most_1.2x": ratio <= 1.2}
+            "goal_at_most_1.15x": ratio <= 1.15}
 
 
 def calibrate(model, dataset, mode: str, args, max_sweeps: int | None = None, progress: bool = False):
@@ -426,7 +432,7 @@ def part_streaming(src, args) -> dict:
             "reward_gap": exact.reward_after - stream.reward_after,
             "streaming_over_exact_time": stream_s / exact_s, "memory": memory, "pass_cost": costs,
             "memory_vs_images": flat, "streaming_peak_max_over_min": growth,
-            "goals": {"pass_at_most_1.2x_eval": costs["goal_at_most_1.2x"],
+            "goals": {"pass_at_most_1.15x_eval": costs["goal_at_most_1.15x"],
                       "streaming_memory_flat (max/min <= 1.1)": growth <= 1.1}}
 
 
@@ -474,7 +480,8 @@ def report_grid(res: dict) -> None:
     e, g = p1["exact"], p1["grid"]
     print(f"{'':<34}{'reward':>9}{'seconds':>10}{'sweeps':>8}")
     print(f"{'uncalibrated':<34}{100 * e['reward_before']:>9.2f}")
-    print(f"{'exact fit (fit_offsets)':<34}{100 * e['reward']:>9.2f}{e['seconds']:>10.3f}{e['sweeps']:>8}")
+    print(f"{'exact fit (fit_offsets)':<34}{100 * e['reward']:>9.2f}{e['seconds']:>10.3f}{e['sweeps']:>8}"
+          f"   = {e['evaluations']:.1f} evaluations of {1000 * e['evaluation_seconds']:.1f} ms")
     label = f"grid {res['settings']['grid_points']} pts/class/sweep"
     print(f"{label:<34}{100 * g['reward']:>9.2f}{g['seconds']:>10.3f}{g['sweeps']:>8}"
           f"   {'reached the exact reward' if g['reached_exact'] else 'never reached the exact reward'}")
@@ -595,10 +602,8 @@ def main(argv=None) -> dict:
 
     result["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
     result["command"] = "python benchmarks/calibrate.py " + " ".join(args.argv)
-    result["machine"] = {"torch": torch.__version__, "python": platform.python_version(),
-                         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
-                         "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+    result["machine"] = {**machine_info(), "device": args.device, "loadavg_before": load0,
+                         "loadavg_after": os.getloadavg()}
     result["runtime_s"] = time.perf_counter() - t_start
     result["runtime_cpu_s"] = time.process_time() - cpu_start
     if "source" in result:
@@ -609,10 +614,7 @@ def main(argv=None) -> dict:
           f"{torch.get_num_threads()} threads; total {result['runtime_s']:.0f} s "
           f"({result['runtime_cpu_s']:.0f} CPU s; per part " +
           ", ".join(f"{k} {v['wall']:.0f} s" for k, v in result["part_seconds"].items()) + ")")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, result)}")
     return result
 
 

@@ -9,7 +9,11 @@
 #      estimator with scopes image and batch) vs CE step with
 #      bf16 autocast, batch 8 at 512x1024, SegFormer-B0 (random init), 19 classes: ms/step, images/s,
 #      peak memory -> gpu_step.json
-#  (b) torchrun --nproc_per_node=min(2, #GPUs) -m segreward train on a tiny synthetic config
+#  (b) benchmarks/gpu_calibrate.py: calibration at the Cityscapes-val shape (19 classes, 1024x2048):
+#      exact fit of 8 frames on the GPU vs one evaluation of the same logits, one streaming
+#      histogram pass vs an evaluation pass, and a streaming fit with a 2-fold estimate (every path
+#      on CUDA tensors) -> gpu_calibrate.json
+#  (c) torchrun --nproc_per_node=min(2, #GPUs) -m segreward train on a tiny synthetic config
 #      (NCCL on GPU, gloo on CPU) -> torchrun.log, and its scalars.json copied next to it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +43,15 @@ else
 fi
 timeout 300 python benchmarks/gpu_step.py "${STEP_ARGS[@]}" --out-dir "$RESULTS" || echo "gpu_step.py FAILED (rc $?)"
 
-# (b) multi-process sanity run of the trainer
+# (b) calibration at the Cityscapes-val shape
+if [ -n "${SMALL:-}" ]; then
+    CAL_ARGS=(--device "$DEVICE" --images 2 --size 64 128 --reps 1)
+else
+    CAL_ARGS=(--device "$DEVICE")
+fi
+timeout 240 python benchmarks/gpu_calibrate.py "${CAL_ARGS[@]}" --out-dir "$RESULTS" || echo "gpu_calibrate.py FAILED (rc $?)"
+
+# (c) multi-process sanity run of the trainer
 if [ "$DEVICE" = cuda ]; then
     NGPU=$(python -c 'import torch;print(torch.cuda.device_count())')
     NPROC=$(( NGPU >= 2 ? 2 : 1 ))

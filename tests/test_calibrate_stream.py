@@ -92,6 +92,21 @@ def test_kfold_estimate():
         cross_validate(pixel_set(logits[:1], labels[:1]), count_form("miou", 5))
 
 
+def test_kfold_estimate_in_streaming_mode_matches_exact():
+    """The same folds of images in both modes: the same held-out reward before calibration, and
+    held-out rewards after it within the streaming fit's bin width."""
+    from segreward.calibrate.passes import fit_passes
+    logits, labels = biased_set(n=10)
+    exact, _ = fit_passes(batches(logits, labels), 5, mode="exact", kfold=5)
+    stream, pixels = fit_passes(batches(logits, labels), 5, mode="streaming", kfold=5, bins=512, span=4.0)
+    assert pixels is None and stream.num_images == 10
+    ce, cs = exact.cv, stream.cv
+    assert cs["k"] == ce["k"] == 5 and len(cs["fold_offsets"]) == 5 and cs["mode"] == "streaming"
+    assert cs["reward_before"] == pytest.approx(ce["reward_before"], abs=1e-12)
+    assert cs["reward_after"] == pytest.approx(ce["reward_after"], abs=5e-3)
+    assert cs["gain"] > 0
+
+
 def test_folding_into_the_builtin_unet_and_wrapper():
     from segreward.models import build_model
     torch.manual_seed(0)

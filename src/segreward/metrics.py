@@ -99,6 +99,21 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return counts[:, :c].contiguous()
 
 
+def sample_confusion(samples: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """Confusion matrices ``[K, N, C, C]`` of ``K`` predictions ``samples [K, N, ...]`` of the same
+    labels ``target [N, ...]`` (values trusted, as ``confusion_matrix(validate=False)``): the
+    labels' rows are computed once, not once per sample, then one ``bincount``."""
+    k, n, c = samples.shape[0], samples.shape[1], _check_num_classes(num_classes)
+    target = target.reshape(n, -1).long()
+    rows = target.masked_fill(target == ignore_index, c).mul_(c)  # ignored pixels: extra row c
+    offsets = torch.arange(k * n, device=samples.device).mul_((c + 1) * c).view(k, n, 1)
+    index = samples.reshape(k, n, -1) + (rows + offsets)
+    size = k * n * (c + 1) * c
+    counts = torch.bincount(index.reshape(-1), minlength=size)[:size].view(k, n, c + 1, c)
+    return counts[:, :, :c]
+
+
 def class_stats(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,
                 validate: bool = True):
     """Per-image, per-class ``(intersect, union, pred_area, label_area)``, each ``[N, C]``."""

@@ -40,11 +40,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segreward.credit import SCOPES, count_form, counts, credit_table, reward_from_counts
+from segreward.credit import SCOPES, count_form, credit_table, reward_from_counts
 from segreward.errors import SegrewardError, require_tensors
-from segreward.metrics import check_labels
+from segreward.metrics import check_labels, sample_confusion
 from segreward.rewards import REWARDS, get_reward, miou
-from segreward.sampling import CategoricalSampler, draw_from_probs, get_sampler
+from segreward.sampling import CategoricalSampler, _policy, draw_from_probs, first_argmax, get_sampler
 
 __all__ = ["BASELINES", "ESTIMATORS", "compute_advantages", "local_surrogate", "ReinforceLoss", "RewardWeightedCELoss"]
 
@@ -52,10 +52,18 @@ BASELINES = ("loo", "greedy", "mean", "ema", "none")
 ESTIMATORS = ("sample", "local")
 
 
-def _entropy(p: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean per-pixel entropy (nats) of the policy over labelled pixels."""
+def _read(**values: torch.Tensor | float) -> dict[str, float]:
+    """0-dim tensors (or floats) as floats, in one read from the device (one host sync, not one each)."""
+    names = list(values)
+    as_t = [torch.as_tensor(v).to(torch.float64) for v in values.values()]  # exact: float() gives the same
+    dev = next((t.device for t in as_t if t.device.type != "cpu"), as_t[0].device)
+    return dict(zip(names, torch.stack([t.to(dev) for t in as_t]).tolist()))
+
+
+def _entropy(p: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel entropy (nats) of the policy over labelled pixels (a 0-dim tensor)."""
     ent = (p * logp).sum(1).neg_()
-    return float((ent * mask).sum() / mask.sum().clamp_min(1))
+    return (ent * mask).sum() / mask.sum().clamp_min(1)
 
 
 def _short(value, limit: int = 80) -> str:
@@ -202,10 +210,9 @@ def _scope_counts(samples: torch.Tensor, target: torch.Tensor, num_classes: int,
     """Counts ``[K, G, C, 3]`` (float64) that each reward of samples ``[K, B, H, W]`` is computed over:
     per image (``G = B``), or ``pooled`` over the batch (``G = 1``; all-reduced across DDP ranks
     when ``sync``)."""
-    k, b = samples.shape[:2]
-    flat_target = target.unsqueeze(0).expand(k, -1, -1, -1).reshape(-1, *target.shape[1:])
-    cnt = counts(samples.reshape(-1, *target.shape[1:]), flat_target, num_classes, ignore_index)
-    cnt = cnt.view(k, b, num_classes, 3).to(torch.float64)
+    cm = sample_confusion(samples, target, num_classes, ignore_index)  # [K, B, C, C]
+    # (intersection, predicted area, label area), as segreward.credit.counts
+    cnt = torch.stack([cm.diagonal(dim1=-2, dim2=-1), cm.sum(-2), cm.sum(-1)], dim=-1).to(torch.float64)
     if not pooled:
         return cnt
     cnt = cnt.sum(1, keepdim=True)
@@ -312,16 +319,20 @@ class _SampleEstimator:
     def __call__(self, loss: ReinforceLoss, logits: torch.Tensor, target: torch.Tensor,
                  mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         pooled = loss.scope != "image"
-        samples, log_prob = loss.sampler(logits, loss.k, mask)  # [K, B, H, W], [K, B]
+        if isinstance(loss.sampler, CategoricalSampler) and loss.sampler.temperature == loss.temperature:
+            # The policy once, for the samples and the entropy (p = exp(logp) comes back too).
+            logp = _policy(logits, loss.sampler.temperature)
+            samples, log_prob, p = loss.sampler.draw(logp, loss.k, mask)  # [K, B, H, W], [K, B]
+        else:
+            samples, log_prob = loss.sampler(logits, loss.k, mask)
+            logp = p = None
         if pooled:
             # One reward per sample of the whole (global) batch: the batch is one image.
             log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
         with torch.no_grad():
             before = loss.running_counts.clone() if loss.scope == "running" else None
             rewards = loss._rewards(samples, target, fold=True)  # [K, B] or [K, 1]
-            # max(1).indices == argmax(1) (first maximum, NaN wins) but is ~4x faster on CPU
-            # for [B, C, H, W] (argmax reduces over the strided class dim slowly).
-            greedy = loss._rewards(logits.max(1).indices.unsqueeze(0), target, running=before)[0]
+            greedy = loss._rewards(first_argmax(logits).unsqueeze(0), target, running=before)[0]
             if not pooled:
                 n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
             else:
@@ -338,15 +349,13 @@ class _SampleEstimator:
         if pooled and loss.sync:
             value = value * _world_size()  # DDP averages the ranks' parts of one global sample
         with torch.no_grad():
-            logp = F.log_softmax(logits.float() / loss.temperature, dim=1)
-            entropy = _entropy(logp.exp(), logp, mask)
-        return value, {
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(0).mean()) if loss.k > 1 else 0.0,
-            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
-            "greedy_reward": float(greedy.mean()),
-            "entropy": entropy,
-        }
+            if logp is None:
+                logp = F.log_softmax(logits.float() / loss.temperature, dim=1)
+                p = logp.exp()
+            diagnostics = _read(reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
+                                adv_std=adv.std() if adv.numel() > 1 else 0.0, greedy_reward=greedy.mean(),
+                                entropy=_entropy(p, logp.detach(), mask))
+        return value, diagnostics
 
 
 class _LocalEstimator:
@@ -380,17 +389,15 @@ class _LocalEstimator:
         with torch.no_grad():
             n = mask.sum().clamp_min(1)
             label_credit = credit.gather(1, target.clamp(0, loss.num_classes - 1).unsqueeze(1))[:, 0]
-            diagnostics = {
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std(0).mean()) if loss.k > 1 else 0.0,
-                "greedy_reward": float(greedy.mean()),
+            diagnostics = _read(
+                reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
+                greedy_reward=greedy.mean(),
                 # mean |R(y_i := c) - R(y)| over labelled pixels and the C - 1 alternatives
-                "credit_abs": float(torch.linalg.vector_norm(credit, 1) / (n * max(1, loss.num_classes - 1))),
+                credit_abs=torch.linalg.vector_norm(credit, 1) / (n * max(1, loss.num_classes - 1)),
                 # share of labelled pixels where switching to the label class would raise the reward
-                "credit_label_pos": float(((label_credit > 0) & mask).sum() / n),
+                credit_label_pos=((label_credit > 0) & mask).sum() / n,
                 # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
-                "entropy": float(((lse - (p * z).nan_to_num(nan=0.0).sum(1)) * mask).sum() / n),  # 0 * -inf: 0
-            }
+                entropy=((lse - (p * z).nan_to_num(nan=0.0).sum(1)) * mask).sum() / n)  # 0 * -inf: 0
         return value, diagnostics
 
 

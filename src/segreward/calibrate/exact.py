@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from segreward.calibrate.search import check_count_form, line_search
+from segreward.calibrate.search import _SMALL, bounded_search, check_count_form, line_search_full
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import confusion_matrix, scores_from_confusion
@@ -39,6 +39,7 @@ class Calibration:
     scores_after: dict | None = None
     cv: dict | None = None  # k-fold estimate, see segreward.calibrate.kfold
     mode: str = "exact"
+    num_images: int | None = None  # images calibrated on (streaming: this process's shard)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -46,23 +47,46 @@ class Calibration:
         return out
 
 
-@dataclass
 class PixelSet:
-    """The labelled pixels of a set: logits ``z [M, C]`` (float64), labels ``t [M]``, and the
-    image each pixel came from (``image [M]``, for k-fold splits)."""
+    """The labelled pixels of a set: labels ``t [M]``, the image each pixel came from
+    (``image [M]``, for k-fold splits), and their logits, row-major float64 ``z [M, C]`` and/or
+    class-major ``zc [C, M]`` in their own precision (what the fit reads, see :meth:`class_major`).
+    Either may be given; ``z`` is made from ``zc`` when first read (the fit never needs it)."""
 
-    z: torch.Tensor
-    t: torch.Tensor
-    image: torch.Tensor
-    num_images: int
+    def __init__(self, z: torch.Tensor | None, t: torch.Tensor, image: torch.Tensor, num_images: int,
+                 zc: torch.Tensor | None = None):
+        if z is None and zc is None:
+            raise SegrewardError("PixelSet needs logits: z [M, C] or zc [C, M]")
+        self._z, self.t, self.image, self.num_images, self.zc = z, t, image, num_images, zc
+
+    @property
+    def z(self) -> torch.Tensor:
+        if self._z is None:
+            zc = self.zc
+            self._z = torch.empty(zc.shape[1], zc.shape[0], dtype=torch.float64, device=zc.device).copy_(zc.t())
+        return self._z
 
     @property
     def num_classes(self) -> int:
-        return self.z.shape[1]
+        return self.zc.shape[0] if self.zc is not None else self._z.shape[1]
 
     def subset(self, images: torch.Tensor) -> "PixelSet":
-        keep = torch.isin(self.image, images)
-        return PixelSet(self.z[keep], self.t[keep], self.image[keep], self.num_images)
+        return self.where(torch.isin(self.image, images))
+
+    def where(self, keep: torch.Tensor) -> "PixelSet":
+        """The pixels where the mask ``keep [M]`` holds."""
+        return PixelSet(None if self._z is None else self._z[keep], self.t[keep], self.image[keep], self.num_images,
+                        None if self.zc is None else self.zc[:, keep])
+
+    def class_major(self) -> torch.Tensor:
+        """``[C, M]`` logits, one class's values contiguous: float32 when that holds them exactly
+        (half the bytes per pass; every float64 sum the fit makes of them is the same)."""
+        if self.zc is not None:
+            return self.zc
+        zc = self.z.t().contiguous()
+        if zc.dtype == torch.float64 and bool((zc.float().double() == zc).all()):
+            zc = zc.float()
+        return zc
 
 
 def _check_logits(logits: torch.Tensor, where: str = "logits") -> None:
@@ -73,10 +97,10 @@ def _check_logits(logits: torch.Tensor, where: str = "logits") -> None:
         raise SegrewardError(f"{where} hold {bad} NaN or infinite values; calibrate a model whose outputs are finite")
 
 
-def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                     where: str = "logits"):
-    """``(z [M, C], t [M], image [M])`` of the labelled pixels of ``logits [N, C, H, W]`` and
-    ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input."""
+def checked_batch(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                  where: str = "logits") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits [N, C, H, W], labels [N, H, W] long, valid [N, H, W])`` of ``logits`` and ``labels``
+    (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input."""
     require_tensors(where, logits=logits, labels=labels)
     if logits.dim() == 2:
         logits, labels = logits.t().reshape(1, logits.shape[1], -1, 1), labels.reshape(1, -1, 1)
@@ -100,10 +124,22 @@ def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
         values = torch.unique(labels[bad])[:10].tolist()
         raise SegrewardError(f"{where}: label values {values} are outside 0..{num_classes - 1} and are not the "
                              f"ignore index {ignore_index}")
-    z = logits.permute(0, 2, 3, 1)[valid].to(torch.float64)
+    return logits, labels, valid
+
+
+def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                     where: str = "logits", class_major: bool = False):
+    """``(z [M, C], t [M], image [M])`` of the labelled pixels of ``logits [N, C, H, W]`` and
+    ``labels [N, H, W]`` (or already flat ``[M, C]`` / ``[M]``), with one-line errors for bad input.
+    ``z`` is float64; with ``class_major``, ``[C, M]`` in the logits' precision (float32 at least)."""
+    logits, labels, valid = checked_batch(logits, labels, num_classes, ignore_index, where)
+    n, _, h, w = logits.shape
     t = labels[valid]
     image = torch.arange(n, device=labels.device).view(n, 1, 1).expand(n, h, w)[valid]
-    return z, t, image
+    if class_major:  # [C, M] in the logits' precision (at least float32)
+        zc = logits.transpose(0, 1)[:, valid]
+        return (zc if zc.dtype == torch.float64 else zc.float()), t, image
+    return logits.permute(0, 2, 3, 1)[valid].to(torch.float64), t, image
 
 
 def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int = 255) -> PixelSet:
@@ -115,9 +151,9 @@ def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int 
         if not logits:
             raise SegrewardError("no images to calibrate on")
         num_classes = num_classes or logits[0].shape[0]
-        parts = [flatten_labelled(z.unsqueeze(0), y.unsqueeze(0), num_classes, ignore_index, f"image {j}")
+        parts = [flatten_labelled(z.unsqueeze(0), y.unsqueeze(0), num_classes, ignore_index, f"image {j}", True)
                  for j, (z, y) in enumerate(zip(logits, labels))]
-        z = torch.cat([p[0] for p in parts])
+        zc = torch.cat([p[0] for p in parts], dim=1)
         t = torch.cat([p[1] for p in parts])
         image = torch.cat([torch.full_like(p[1], j) for j, p in enumerate(parts)])
         n = len(parts)
@@ -126,11 +162,11 @@ def pixel_set(logits, labels, num_classes: int | None = None, ignore_index: int 
         if labels.numel() == 0:
             raise SegrewardError(f"no images to calibrate on: labels {tuple(labels.shape)} hold no pixel")
         num_classes = num_classes or logits.shape[1 if logits.dim() == 4 else -1]
-        z, t, image = flatten_labelled(logits, labels, num_classes, ignore_index)
+        zc, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, class_major=True)
         n = logits.shape[0] if logits.dim() == 4 else 1
     if t.numel() == 0:
         raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    return PixelSet(z, t, image, n)
+    return PixelSet(None, t, image, n, zc)
 
 
 def argmax_with_offsets(z: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -146,6 +182,31 @@ def counts_of(pred: torch.Tensor, t: torch.Tensor, c: int) -> torch.Tensor:
                         torch.bincount(t, minlength=c).to(torch.float64)], dim=-1)
 
 
+def argmax_major(zc: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``argmax_k (z_k + b_k)`` (float64 sums, first maximum on ties) of class-major ``zc [C, M]``:
+    one pass per class over contiguous rows, the same prediction as :func:`argmax_with_offsets`."""
+    b = offsets.to(device=zc.device, dtype=torch.float64)
+    best = zc[0].to(torch.float64) + b[0]
+    arg = torch.zeros(zc.shape[1], dtype=torch.long, device=zc.device)
+    for k in range(1, zc.shape[0]):
+        x = zc[k].to(torch.float64) + b[k]
+        arg += (x > best) * (k - arg)
+        torch.maximum(best, x, out=best)
+    return arg
+
+
+def set_confusion(pixels: PixelSet, offsets: torch.Tensor) -> torch.Tensor:
+    """``[C, C]`` confusion (label x prediction) of the set's argmax under ``offsets``."""
+    pred = argmax_major(pixels.class_major(), offsets)
+    return confusion_matrix(pred.view(1, -1), pixels.t.view(1, -1), pixels.num_classes, validate=False)[0]
+
+
+def confusion_reward(form: CountReward, cm: torch.Tensor) -> float:
+    """The reward of a ``[C, C]`` confusion matrix."""
+    cm = cm.to(torch.float64)
+    return float(reward_from_counts(form, cm.diagonal(), cm.sum(0), cm.sum(1)))
+
+
 def set_reward(form: CountReward, pixels: PixelSet, offsets: torch.Tensor) -> float:
     """The dataset-level reward of the set's argmax prediction under ``offsets``."""
     k = counts_of(argmax_with_offsets(pixels.z, offsets), pixels.t, pixels.num_classes)
@@ -154,9 +215,7 @@ def set_reward(form: CountReward, pixels: PixelSet, offsets: torch.Tensor) -> fl
 
 def set_scores(pixels: PixelSet, offsets: torch.Tensor) -> dict:
     """MMSegmentation's dataset-level scores (percent) of the set under ``offsets``."""
-    pred = argmax_with_offsets(pixels.z, offsets)
-    cm = confusion_matrix(pred.view(1, -1), pixels.t.view(1, -1), pixels.num_classes, validate=False)[0]
-    return scores_from_confusion(cm)
+    return scores_from_confusion(set_confusion(pixels, offsets))
 
 
 def check_offsets(init, num_classes: int, what: str = "init") -> torch.Tensor:
@@ -173,49 +232,87 @@ def check_settings(max_sweeps, bound) -> None:
 
 
 class _Top2:
-    """Each row's best and second-best column of ``s [M, C]`` (first maximum on ties, like
-    ``argmax``), kept up to date when one column changes: rows where that column was one of the
-    two are recomputed, the others compare it with their two."""
+    """Each pixel's best and second-best class under offsets ``b`` (first maximum on ties, like
+    ``argmax``) for class-major logits ``zc [C, M]``, kept up to date when one offset changes.
 
-    def __init__(self, s: torch.Tensor):
-        self.v1, self.i1, self.v2, self.i2 = self._full(s)
+    The step of class ``k`` needs each pixel's best class other than ``k`` (:meth:`without`);
+    after it, a pixel's new best is ``k`` or that class. Raising ``b_k`` can only push ``k`` up:
+    the new second is the old best or second, or ``k``. Lowering it needs each row's third
+    class only where ``k`` was one of the two and falls below the other: only those rows are
+    recomputed. Scores ``z_k + b_k`` are float64 sums, as ``argmax(z + b)`` in float64 makes
+    them; values move by ``maximum``/``minimum`` (exact) and class ids (int32) by integer
+    arithmetic, which is several times cheaper than ``torch.where`` on a CPU.
+    """
+
+    def __init__(self, zc: torch.Tensor, b: torch.Tensor):
+        self.zc, self.b = zc, b.to(device=zc.device, dtype=torch.float64)
+        self.v1, self.i1, self.v2, self.i2 = self._full(zc, self.b)
 
     @staticmethod
-    def _full(s: torch.Tensor):
-        i1 = s.argmax(dim=1)
-        v1 = s.gather(1, i1.unsqueeze(1)).squeeze(1)
-        rest = s.scatter(1, i1.unsqueeze(1), -float("inf"))
-        i2 = rest.argmax(dim=1)
-        return v1, i1, rest.gather(1, i2.unsqueeze(1)).squeeze(1), i2
+    def _full(zc: torch.Tensor, b: torch.Tensor | None):
+        """Top two of every column of the scores ``zc [C, R] + b`` (``b`` None: ``zc`` are the
+        float64 scores), first maximum on ties as ``argmax``: the maximum by ``amax``, its first
+        index as the number of classes whose running maximum is still below it (a reduction
+        that tracks indices over the strided class dim is slow), then the same without it."""
+        s = zc.to(torch.float64) if b is None else zc.to(torch.float64) + b.unsqueeze(1)
+        if b is None and s.data_ptr() == zc.data_ptr():
+            s = s.clone()  # the caller's scores stay as they are
 
-    def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(argmax, max)`` of each row over the columns other than ``k``."""
+        def first_max(s):
+            top = s.amax(0)
+            idx = torch.zeros(s.shape[1], dtype=torch.int32, device=s.device)
+            run = s[0].clone()
+            for k in range(1, s.shape[0]):
+                idx += run < top
+                torch.maximum(run, s[k], out=run)
+            return top, idx
+
+        v1, i1 = first_max(s)
+        s.scatter_(0, i1.long().unsqueeze(0), -float("inf"))
+        v2, i2 = first_max(s)
+        return v1, i1, v2, i2
+
+    def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(first, argmax, max)`` of each row over the classes other than ``k``; ``first``: ``k`` is the best."""
         first = self.i1 == k
-        return torch.where(first, self.i2, self.i1), torch.where(first, self.v2, self.v1)
+        return first, self.i1 + first * (self.i2 - self.i1), torch.where(first, self.v2, self.v1)
 
-    def update(self, s: torch.Tensor, k: int) -> None:
-        x = s[:, k]
-        was = (self.i1 == k) | (self.i2 == k)
-        above1 = ~was & ((x > self.v1) | ((x == self.v1) & (k < self.i1)))
-        above2 = ~was & ~above1 & ((x > self.v2) | ((x == self.v2) & (k < self.i2)))
-        self.v2 = torch.where(above1, self.v1, torch.where(above2, x, self.v2))
-        self.i2 = torch.where(above1, self.i1, torch.where(above2, k, self.i2))
-        self.v1 = torch.where(above1, x, self.v1)
-        self.i1 = torch.where(above1, k, self.i1)
-        rows = torch.nonzero(was).flatten()
+    def score(self, k: int) -> torch.Tensor:
+        return self.zc[k].to(torch.float64) + self.b[k]  # (a 0-dim float64 would not promote float32)
+
+    def set(self, k: int, old: float, value: float, first: torch.Tensor, src: torch.Tensor,
+            best_other: torch.Tensor) -> None:
+        """``b_k``: ``old -> value`` (host floats: no read from the device); ``(first, src,
+        best_other)`` as :meth:`without` gave them before."""
+        rising = value > old
+        self.b[k] = value
+        x = self.score(k)
+        wins = (x > best_other) | ((x == best_other) & (k < src))  # k is the new best
+        if rising:  # the new second: the old best if k wins, else k or the old second
+            second = (x > self.v2) | ((x == self.v2) & (k < self.i2))
+            self.i2 += second * (k - self.i2)
+            self.i2 += wins * (src - self.i2)
+            self.i1 = src + wins * (k - src)
+            self.v2 = torch.minimum(torch.maximum(x, self.v2), best_other)
+            self.v1 = torch.maximum(x, best_other)
+            return
+        self.v1 = torch.where(first, x, self.v1)  # rows where k stays the best; the others are recomputed
+        rows = torch.nonzero(((first | (self.i2 == k)) & ~wins)).flatten()
         if rows.numel():
-            v1, i1, v2, i2 = self._full(s.index_select(0, rows))
-            for name, value in (("v1", v1), ("i1", i1), ("v2", v2), ("i2", i2)):
-                getattr(self, name)[rows] = value
+            v1, i1, v2, i2 = self._full(self.zc.index_select(1, rows), self.b)
+            for name, new in (("v1", v1), ("i1", i1), ("v2", v2), ("i2", i2)):
+                getattr(self, name).index_copy_(0, rows, new)
 
 
 def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound: float | None = None,
                init=None, tol: float = 1e-12, progress: bool = False) -> tuple[torch.Tensor, list, bool]:
     """Coordinate ascent on a :class:`PixelSet`: ``(offsets, reward after each sweep, converged)``.
 
-    One sweep visits the classes in order; each step is :func:`line_search` (exact). The reward
-    never decreases; the search stops when ``C`` steps in a row change no offset (a step repeated
-    with no offset changed since would find the same) or after ``max_sweeps`` sweeps.
+    One sweep visits the classes in order; each step is exact (:func:`~segreward.calibrate.search.
+    bounded_search`, or :func:`line_search_full` for small sets). The reward never decreases; the
+    search stops when ``C`` steps in a row change no offset (a step repeated with no offset
+    changed since would find the same) or after ``max_sweeps`` sweeps. The logits are held
+    class-major (``[C, M]``: one class's column is contiguous), float32 when that is exact.
     """
     check_settings(max_sweeps, bound)
     z, t, c = pixels.z, pixels.t, pixels.num_classes
@@ -223,25 +320,33 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     label_area = torch.bincount(t, minlength=c).to(torch.float64)
     if c == 1:  # one class: nothing to choose
         return b - b.mean(), [set_reward(form, pixels, b)], True
-    s = z + b.to(z)
-    top = _Top2(s)
+    zc = pixels.class_major()
+    top = _Top2(zc, b)
+    t32 = t.to(torch.int32)
+    t2 = torch.zeros(c, t.numel(), dtype=torch.int8, device=t.device).scatter_(0, t.view(1, -1), 2)  # 2 at the label
+    small = t.numel() <= _SMALL
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
     cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
     reward_now, unchanged = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2])), 0
+    offsets = b.tolist()
     for _ in bar:
         for k in range(c):
             if unchanged >= c:
                 break
-            src, best_other = top.without(k)
-            step = line_search(form, best_other - z[:, k], src, t, k, label_area, float(b[k]), reward_now,
-                               bound=bound, tol=tol)
-            if step.offset != float(b[k]):
-                b[k] = step.offset
-                s[:, k] = z[:, k] + b[k]
-                top.update(s, k)
-                reward_now = step.reward
-                unchanged = 0
+            first, src, best_other = top.without(k)
+            tau = best_other - zc[k]
+            if small:
+                step = line_search_full(form, tau, src, t, k, label_area, offsets[k], reward_now, bound, tol)
+                x, r = step.offset, step.reward
+            else:
+                code = src * 3
+                code += t32 == src
+                code += t2[k]
+                x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol)
+            if x != offsets[k]:
+                top.set(k, offsets[k], x, first, src, best_other)
+                offsets[k], reward_now, unchanged = x, r, 0
             else:
                 unchanged += 1
         history.append(reward_now)
@@ -250,6 +355,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
             converged = True
             break
     bar.close()
+    b = torch.tensor(offsets, dtype=torch.float64)
     return b - b.mean(), history, converged
 
 
@@ -270,13 +376,15 @@ def fit_offsets(logits, labels, reward="miou", num_classes: int | None = None, i
     c = pixels.num_classes
     form = check_count_form(reward, c, class_weights)
     zero = torch.zeros(c, dtype=torch.float64)
-    before = set_reward(form, pixels, zero)
+    cm_before = set_confusion(pixels, zero)
     b, history, converged = fit_pixels(pixels, form, max_sweeps, bound, init, tol, progress)
+    cm_after = set_confusion(pixels, b)
     cv = None
     if kfold:
         from segreward.calibrate.kfold import cross_validate
-        cv = cross_validate(pixels, form, kfold, kfold_seed, progress=progress, max_sweeps=max_sweeps, bound=bound,
-                            init=init, tol=tol)
-    return Calibration(offsets=b, reward=form.name, reward_before=before, reward_after=set_reward(form, pixels, b),
-                       sweeps=len(history), converged=converged, history=history,
-                       scores_before=set_scores(pixels, zero), scores_after=set_scores(pixels, b), cv=cv)
+        cv = cross_validate(pixels, form, kfold, kfold_seed, progress=progress, max_sweeps=max_sweeps,
+                             bound=bound, init=init, tol=tol)
+    return Calibration(offsets=b, reward=form.name, reward_before=confusion_reward(form, cm_before),
+                       reward_after=confusion_reward(form, cm_after), sweeps=len(history), converged=converged,
+                       history=history, scores_before=scores_from_confusion(cm_before),
+                       scores_after=scores_from_confusion(cm_after), cv=cv)

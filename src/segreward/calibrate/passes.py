@@ -32,14 +32,16 @@ def collect_pixels(passes, num_classes: int, ignore_index: int = 255) -> PixelSe
     """One pass of ``passes()`` into a :class:`PixelSet` (every image of every batch its own image)."""
     zs, ts, images, n = [], [], [], 0
     for logits, labels in passes():
-        z, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, where=f"images from {n}")
-        zs.append(z.cpu())
+        zc, t, image = flatten_labelled(logits, labels, num_classes, ignore_index, where=f"images from {n}",
+                                        class_major=True)
+        zs.append(zc.cpu())
         ts.append(t.cpu())
         images.append(image.cpu() + n)
         n += labels.shape[0]
     if not ts or sum(t.numel() for t in ts) == 0:
         raise SegrewardError(f"no labelled pixel to calibrate on: every label is the ignore index {ignore_index}")
-    return PixelSet(torch.cat(zs), torch.cat(ts), torch.cat(images), n)
+    # Class-major in the logits' precision: what the fit reads (the float64 rows only if asked for).
+    return PixelSet(None, torch.cat(ts), torch.cat(images), n, torch.cat(zs, dim=1))
 
 
 def fit_passes(passes, num_classes: int, ignore_index: int = 255, mode: str = "auto", values: int | None = None,
@@ -48,7 +50,8 @@ def fit_passes(passes, num_classes: int, ignore_index: int = 255, mode: str = "a
                progress: bool = False) -> tuple[Calibration, PixelSet | None]:
     """``(calibration, pixels)``: exact mode (``pixels`` held) or streaming (``pixels`` None;
     under DDP the histograms are all-reduced, and exact mode is refused: it would need every
-    rank's logits)."""
+    rank's logits). ``kfold``: the k-fold estimate in either mode (streaming: ``k`` more
+    streaming fits and one scoring pass, see :func:`~segreward.calibrate.kfold.cross_validate_streaming`)."""
     mode = choose_mode(mode, values)
     if mode == "exact":
         if distributed:
@@ -60,5 +63,9 @@ def fit_passes(passes, num_classes: int, ignore_index: int = 255, mode: str = "a
                                 class_weights=class_weights, max_sweeps=max_sweeps, bound=bound, bins=bins,
                                 span=span, progress=progress)
     if kfold:
-        cal.cv = {"skipped": "the k-fold estimate needs mode exact (it refits k times)"}
+        from segreward.calibrate.kfold import cross_validate_streaming
+        from segreward.calibrate.search import check_count_form
+        cal.cv = cross_validate_streaming(passes, num_classes, cal.num_images, check_count_form(
+            reward, num_classes, class_weights), kfold, ignore_index=ignore_index, distributed=distributed,
+            bound=bound, max_sweeps=max_sweeps, bins=bins, span=span)
     return cal, None

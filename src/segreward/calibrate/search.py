@@ -47,6 +47,28 @@ def tie_eps(tau: torch.Tensor) -> float:
     return TIE_EPS * max(1.0, float(tau.abs().max())) if tau.numel() else TIE_EPS
 
 
+def count(key: torch.Tensor, size: int) -> torch.Tensor:
+    """``bincount(key, minlength=size)`` for keys known to be ``< size``; on a GPU by a scatter
+    into ``size`` zeros (CUDA's bincount reads the largest key back to the host first)."""
+    if key.device.type == "cpu":
+        return torch.bincount(key, minlength=size)
+    return torch.zeros(size, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key, dtype=torch.long))
+
+
+def _eps_of_range(t_lo: float, t_hi: float) -> float:
+    """:func:`tie_eps` from the thresholds' smallest and largest value."""
+    return TIE_EPS * max(1.0, abs(t_lo), abs(t_hi))
+
+
+def src_state(src: torch.Tensor, target: torch.Tensor, c: int) -> torch.Tensor:
+    """``[M]`` codes ``3 * a_i + s_i`` of each pixel's best other class ``a_i`` and whether its
+    label is ``a_i`` (``s_i = 1``), ``c`` (``s_i = 2``) or neither (0): all a move needs."""
+    code = src * 3
+    code += target == src
+    code += 2 * (target == c)
+    return code
+
+
 def class_terms(terms, i: torch.Tensor, p: torch.Tensor, l: torch.Tensor, weight: torch.Tensor | None = None):
     """Per-class terms ``(a, b)`` of counts that each belong to one class (all ``[M]``).
 
@@ -85,35 +107,28 @@ def _best_interval(reward: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cur
     interval beats ``current_reward`` (the reward of the offsets as they are) by more than ``tol``.
 
     ``reward[j]``: reward on the open interval ``(lo[j], hi[j])`` (bounds may be infinite);
-    intervals not wider than ``eps`` are not used (see :data:`TIE_EPS`).
+    intervals not wider than ``eps`` are not used (see :data:`TIE_EPS`). Among equally good
+    intervals (within ``tol`` of the best), the one whose offset is nearest ``current`` (the
+    first in ``reward``'s order on a tie). Tensor work, then one read of three numbers.
     """
     if bound is not None:  # intervals that meet [-bound, bound], clipped to it
         lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
-    reward = torch.where(hi - lo > eps, reward, torch.full_like(reward, -float("inf")))
-    best = float(reward.max())
-    if best <= current_reward + tol:
+    inf = float("inf")
+    reward = torch.where(hi - lo > eps, reward, torch.full_like(reward, -inf))
+    best = reward.max()
+    lo_inf, hi_inf = lo == -inf, hi == inf
+    x = torch.where(lo_inf, hi - EDGE_MARGIN, torch.where(hi_inf, lo + EDGE_MARGIN, 0.5 * (lo + hi)))
+    x = torch.where(lo_inf & hi_inf, torch.full_like(x, current), x)
+    dist = torch.where(reward >= best - tol, (x - current).abs(), torch.full_like(x, inf))
+    j = dist.argmin()  # first minimum: the earliest interval on ties
+    best_f, x_f, r_f = torch.stack([best, x[j], reward[j]]).tolist()
+    if best_f <= current_reward + tol:
         return current, current_reward
-    good = torch.nonzero(reward >= best - tol).flatten().tolist()
-    # Among equally good intervals, the one whose middle is nearest the current offset.
-    choices = []
-    for j in good:
-        a, b = float(lo[j]), float(hi[j])
-        if a == -float("inf") and b == float("inf"):
-            x = current
-        elif a == -float("inf"):
-            x = b - EDGE_MARGIN
-        elif b == float("inf"):
-            x = a + EDGE_MARGIN
-        else:
-            x = 0.5 * (a + b)
-        choices.append((abs(x - current), j, x))
-    _, j, x = min(choices)
-    return x, float(reward[j])
+    return x_f, r_f
 
 
-def _after_moves(form: CountReward, tau_s: torch.Tensor, src_s: torch.Tensor, target_s: torch.Tensor,
-                 seg: torch.Tensor, c: int, lab: torch.Tensor, i_base: torch.Tensor, p_base: torch.Tensor
-                 ) -> torch.Tensor:
+def _after_moves(form: CountReward, tau_s: torch.Tensor, code_s: torch.Tensor, seg: torch.Tensor, c: int,
+                 lab: torch.Tensor, i_base: torch.Tensor, p_base: torch.Tensor) -> torch.Tensor:
     """The reward after each move ``[n]``, for pixels in segments that each start from their own
     counts: pixels sorted by ``(seg, tau)``; segment ``g`` starts from ``(i_base[g], p_base[g])``
     (``[S, C]`` float64) and its pixels move into ``c`` in threshold order.
@@ -124,33 +139,36 @@ def _after_moves(form: CountReward, tau_s: torch.Tensor, src_s: torch.Tensor, ta
     """
     n, num_classes, dev = tau_s.numel(), lab.numel(), tau_s.device
     nseg = i_base.shape[0]
-    hit_src = (target_s == src_s).to(torch.float64)
-    hit_c = (target_s == c).to(torch.float64)
+    src_s, state_s = code_s.div(3, rounding_mode="floor"), code_s.remainder(3)
+    hit_src = (state_s == 1).to(torch.float64)
+    hit_c = (state_s == 2).to(torch.float64)
     # Moves grouped by (segment, source class), in threshold order within a group.
     key, by_key = torch.sort(seg * num_classes + src_s, stable=True)
-    sizes = torch.bincount(key, minlength=nseg * num_classes)
+    sizes = count(key, nseg * num_classes)
     starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - torch.repeat_interleave(starts, sizes)
+    rep = functools.partial(torch.repeat_interleave, output_size=n)  # n given: no device sync
+    rank = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - rep(starts, sizes)
     hits = torch.cumsum(hit_src[by_key], 0)
-    left_hits = hits - torch.repeat_interleave(torch.cat([hits.new_zeros(1), hits])[starts], sizes)
+    left_hits = hits - rep(torch.cat([hits.new_zeros(1), hits])[starts], sizes)
     hit_g = hit_src[by_key]
-    i_g, p_g = (torch.repeat_interleave(v.flatten(), sizes) for v in (i_base, p_base))
-    l_g = torch.repeat_interleave(lab.repeat(nseg), sizes)
+    i_g, p_g = (rep(v.flatten(), sizes) for v in (i_base, p_base))
+    l_g = rep(lab.repeat(nseg), sizes)
     # Per segment: running sums restart, class c counts from the segment's base.
-    seg_sizes = torch.bincount(seg, minlength=nseg)
+    seg_sizes = count(seg, nseg)
     seg_starts = torch.cumsum(seg_sizes, 0) - seg_sizes
 
     def running(x):  # inclusive running sum within each segment
         cs = torch.cumsum(x, 0)
-        return cs - torch.repeat_interleave(torch.cat([cs.new_zeros(1), cs])[seg_starts], seg_sizes)
+        return cs - rep(torch.cat([cs.new_zeros(1), cs])[seg_starts], seg_sizes)
 
-    moves = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - torch.repeat_interleave(seg_starts, seg_sizes)
+    moves = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - rep(seg_starts, seg_sizes)
     ic, pc = i_base[seg, c] + running(hit_c), p_base[seg, c] + moves
 
     total, weight = None, 0.0
     for terms, w in form.parts:
         cw = term_weight(terms)
-        w_g = None if cw is None else torch.repeat_interleave(cw.repeat(nseg), sizes)
+        cw = None if cw is None else cw.to(dev)
+        w_g = None if cw is None else rep(cw.repeat(nseg), sizes)
         w_c = None if cw is None else cw[c]
         a_new, b_new = class_terms(terms, i_g - left_hits, p_g - rank, l_g, w_g)
         a_old, b_old = class_terms(terms, i_g - left_hits + hit_g, p_g - rank + 1, l_g, w_g)
@@ -183,8 +201,8 @@ def reward_curve(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target
     i0 = torch.bincount(src[target == src], minlength=num_classes).to(torch.float64)
     p0[c], i0[c] = 0.0, 0.0
     tau_s, order = torch.sort(tau, stable=True)
-    after = _after_moves(form, tau_s, src[order], target[order], torch.zeros(m, dtype=torch.long, device=dev), c,
-                         lab, i0.unsqueeze(0), p0.unsqueeze(0))
+    after = _after_moves(form, tau_s, src_state(src, target, c)[order], torch.zeros(m, dtype=torch.long, device=dev),
+                         c, lab, i0.unsqueeze(0), p0.unsqueeze(0))
     reward = torch.cat([reward_from_counts(form, i0, p0, lab).view(1), after])  # [M + 1]: after 0..M moves
     # Tied thresholds move together: only the last move of a tie group is a reachable state, for
     # offsets between that group's last threshold and the next group's first.
@@ -207,7 +225,7 @@ def line_search(form: CountReward, tau: torch.Tensor, src: torch.Tensor, target:
     """
     if tau.numel() <= _SMALL:
         return line_search_full(form, tau, src, target, c, label_area, current, current_reward, bound, tol)
-    x, r = _bounded_search(form, tau, src, target, c, label_area, current, current_reward, bound, tol)
+    x, r = bounded_search(form, tau, src_state(src, target, c), c, label_area, current, current_reward, bound, tol)
     return LineSearch(offset=x, reward=r, start_reward=current_reward)
 
 
@@ -239,35 +257,39 @@ def _upper_bound(form: CountReward, i_hi: torch.Tensor, p_lo: torch.Tensor, lab:
     return total / weight
 
 
-def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, current: float,
-                    current_reward: float, bound: float | None, tol: float) -> tuple[float, float]:
+def bounded_search(form: CountReward, tau, code, c: int, label_area, current: float, current_reward: float,
+                   bound: float | None, tol: float, nb: int | None = None) -> tuple[float, float]:
     """The exact best interval without sorting all thresholds (branch and bound).
 
-    The thresholds are binned (bins that are monotone in ``tau``, so "every pixel of bins
-    ``< e`` has moved" is a reachable state for each edge ``e``); one histogram gives the exact
-    reward at every edge. Inside a bin the counts of each class stay between their values at the
-    bin's two edges, which bounds the reward there (:func:`_upper_bound`); only bins whose bound
-    beats the best reward found are sorted and searched exactly, best bound first.
+    ``code``: the pixels' :func:`src_state` codes. The thresholds are binned (``nb`` bins, monotone
+    in ``tau``, so "every pixel of bins ``< e`` has moved" is a reachable state for each edge
+    ``e``); one histogram gives the exact reward at every edge. Inside a bin the counts of each
+    class stay between their values at the bin's two edges, which bounds the reward there
+    (:func:`_upper_bound`); only bins whose bound beats the best reward found are sorted and
+    searched exactly. Every pass over the pixels is a tensor op; the host reads the thresholds'
+    range, the number of pixels in promising bins and the result (see ``tests``: a fixed number
+    of reads per step, whatever the number of pixels).
     """
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
-    nb = int(min(4096, max(64, m // 128)))
-    eps = tie_eps(tau)
-    t_lo, t_hi = float(tau.min()), float(tau.max())
+    nb = nb or int(min(4096, max(64, m // 128)))
+    t_lo, t_hi = torch.aminmax(tau)
+    t_lo, t_hi = torch.stack([t_lo, t_hi]).tolist()
+    eps = _eps_of_range(t_lo, t_hi)
     if not t_hi - t_lo > eps:
+        src, state = code.div(3, rounding_mode="floor"), code.remainder(3)
+        target = torch.where(state == 2, c, torch.where(state == 1, src, -1))
         lo, hi, reward = reward_curve(form, tau, src, target, c, label_area, eps=eps)
         return _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
-    idx = ((tau - t_lo) / ((t_hi - t_lo) / nb)).floor_().long().clamp_(0, nb - 1)
-    state = (target == src).long() + 2 * (target == c).long()
-    h = torch.bincount((idx * num_classes + src) * 3 + state, minlength=nb * num_classes * 3)
-    h = h.view(nb, num_classes, 3).to(torch.float64)
-    # Counts at every edge e (bins < e moved): [nb + 1, C].
-    zero = h.new_zeros(1, num_classes)
-    moved = torch.cat([zero, torch.cumsum(h.sum(-1), 0)])
-    lost = torch.cat([zero, torch.cumsum(h[..., 1], 0)])
-    into_c = torch.cat([h.new_zeros(1), torch.cumsum(h[..., 2].sum(-1), 0)])
-    per_src = h.sum(0)
-    p_e, i_e = per_src.sum(-1) - moved, per_src[:, 1] - lost
+    # (tau - t_lo) / width >= 0: truncation is the floor.
+    idx = (tau - t_lo).div_((t_hi - t_lo) / nb).long().clamp_(max=nb - 1)
+    h = count(torch.add(code, idx, alpha=3 * num_classes), nb * num_classes * 3)
+    # Per (bin, source class, state: label neither / the source / c), running over the bins from
+    # a zero row: [nb + 1, C, 3]; the moves out of each class, its hits lost, c's hits gained.
+    h = torch.cumsum(h.view(nb, num_classes, 3), 0).to(torch.float64)
+    h = torch.cat([h.new_zeros(1, num_classes, 3), h])
+    moved, lost, into_c = h.sum(-1), h[..., 1], h[..., 2].sum(-1)
+    p_e, i_e = moved[-1] - moved, lost[-1] - lost  # counts at every edge e (bins < e moved): [nb + 1, C]
     p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
     lab_e = lab.expand_as(p_e)
     edge_reward = reward_from_counts(form, i_e, p_e, lab_e)
@@ -287,25 +309,24 @@ def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, cur
             lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
         return torch.where(hi - lo > eps, reward, torch.full_like(reward, -inf))
 
-    best = max(float(usable(edge_reward, below, above).max()), current_reward)
-    promising = ub > best + tol
-    if bool(promising.any()):
-        # Every state inside the promising bins at once: their pixels in (bin, threshold) order,
-        # each bin from its own lower edge. A move's state is reachable when the next pixel of
-        # its bin lies more than eps above it; the states at the bins' edges are counted above.
-        sel = torch.nonzero(promising[idx]).flatten()
+    best = usable(edge_reward, below, above).max().clamp(min=current_reward)
+    # Every state inside the promising bins at once: their pixels in (bin, threshold) order, each
+    # bin from its own lower edge. A move's state is reachable when the next pixel of its bin lies
+    # more than eps above it (the others get reward -inf); the states at the bins' edges are
+    # counted above. Host reads: which bins, and how many pixels they hold.
+    bins = torch.nonzero(ub > best + tol).flatten()
+    if bins.numel():
+        flag = torch.zeros(nb, dtype=torch.uint8, device=dev).index_fill_(0, bins, 1)
+        sel = torch.nonzero(flag.index_select(0, idx)).flatten()
         sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
         kb = idx[sel]
-        used = torch.unique(kb)
-        seg = torch.searchsorted(used, kb)
         t_s = tau[sel]
-        after = _after_moves(form, t_s, src[sel], target[sel], seg, c, lab, i_e[used], p_e[used])
+        after = _after_moves(form, t_s, code[sel], torch.searchsorted(bins, kb), c, lab, i_e[bins], p_e[bins])
         nxt = torch.cat([t_s[1:], t_s.new_tensor([inf])])
         same_bin = torch.cat([kb[1:] == kb[:-1], kb.new_zeros(1, dtype=torch.bool)])
-        state = same_bin & ((nxt - t_s) > eps)
-        lows.append(t_s[state])
-        highs.append(nxt[state])
-        rewards.append(after[state])
+        lows.append(t_s)
+        highs.append(nxt)
+        rewards.append(torch.where(same_bin & ((nxt - t_s) > eps), after, torch.full_like(after, -inf)))
     return _best_interval(torch.cat(rewards), torch.cat(lows), torch.cat(highs), current, current_reward, bound,
                           tol, eps)
 
@@ -313,6 +334,8 @@ def _bounded_search(form: CountReward, tau, src, target, c: int, label_area, cur
 def check_count_form(spec, num_classes: int, class_weights=None) -> CountReward:
     """The counts form of ``spec`` or a one-line error saying calibration needs a count reward."""
     from segreward.credit import count_form
+    if isinstance(spec, CountReward):
+        return spec
     try:
         return count_form(spec, num_classes, class_weights)
     except SegrewardError as e:

@@ -22,8 +22,8 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from segreward.calibrate.exact import Calibration, check_settings, check_offsets, flatten_labelled
-from segreward.calibrate.search import check_count_form
+from segreward.calibrate.exact import Calibration, _Top2, check_settings, check_offsets, checked_batch
+from segreward.calibrate.search import check_count_form, count
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 from segreward.metrics import all_reduce_cpu, scores_from_confusion
@@ -31,6 +31,41 @@ from segreward.metrics import all_reduce_cpu, scores_from_confusion
 __all__ = ["fit_offsets_streaming", "ThresholdHistogram"]
 
 _CHUNK = 1 << 18  # pixels binned at once: bounds the [pixels, C] temporaries
+
+
+def _pass_counts(zc: torch.Tensor, t: torch.Tensor, b: torch.Tensor, bins: int, span: float):
+    """``(hist, confusion)`` of pixels with class-major logits ``zc [C, P]`` and labels ``t [P]``
+    (int32; ``C`` for an ignored pixel: counted nowhere) at offsets ``b`` (float64): see
+    :class:`ThresholdHistogram`.
+
+    Every (class, pixel) pair at once over contiguous ``[C, P]`` planes, without gathers or
+    ``torch.where`` (slow on a CPU): with ``v1, v2`` a pixel's two best scores, its threshold for
+    class ``k`` is ``(v1 - s_k) + [k is best] (v2 - v1) + b_k``, which is exactly ``(best other
+    - s_k) + b_k`` (``s_k = v1`` where ``k`` is best, and adding 0 is exact). Scores are float64
+    sums ``z + b`` as in the in-memory mode; class ids and keys int32.
+    """
+    c, dev = zc.shape[0], zc.device
+    nb = bins + 2
+    scores = zc.to(torch.float64).add_(b.unsqueeze(1))  # [C, P]
+    v1, i1, v2, i2 = _Top2._full(scores, None)  # first maximum on ties, like argmax
+    confusion = count(t * c + i1, (c + 1) * c)[:c * c]  # ignored pixels: row c, dropped
+    size = c * nb * c * 3
+    if c == 1:
+        return torch.zeros(size, dtype=torch.long, device=dev), confusion
+    k = torch.arange(c, dtype=torch.int32, device=dev).unsqueeze(1)
+    first = i1 == k  # [C, P]
+    tau = torch.sub(v1, scores, out=scores).addcmul_(first, (v2 - v1)).add_(b.unsqueeze(1))
+    idx = tau.sub_((b - span).unsqueeze(1)).div_(2.0 * span / bins).floor_().add_(1).clamp_(0, bins + 1)
+    # Key ((k nb + bin) C + src) 3 + state, state = [label == src] + 2 [label == k]: per pixel the
+    # codes of its two candidate sources, per pair the one that applies.
+    code1, code2 = i1 * 3 + (t == i1), i2 * 3 + (t == i2)
+    key = torch.zeros(c + 1, t.numel(), dtype=torch.int32, device=dev).scatter_(0, t.long().unsqueeze(0), 2)[:c]
+    key += first * (code2 - code1)
+    key += code1
+    key += (idx.to(torch.int32) + k * nb) * (3 * c)
+    ignored = t == c
+    key.mul_(~ignored).add_(size * ignored)  # ignored pixels' pairs: one extra bin, dropped
+    return count(key.view(-1), size + 1)[:size], confusion
 
 
 class ThresholdHistogram:
@@ -46,30 +81,24 @@ class ThresholdHistogram:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        z, t, _ = flatten_labelled(logits, labels, self.c, self.ignore_index, where="calibration batch")
-        dev = z.device
-        b = self.b.to(dev)
-        lo = (b - self.span).unsqueeze(0)
-        classes = torch.arange(self.c, device=dev)
+        logits, labels, valid = checked_batch(logits, labels, self.c, self.ignore_index, where="calibration batch")
+        n, c = logits.shape[:2]
+        dev = logits.device
         hist, confusion = self.hist.to(dev), self.confusion.to(dev)
-        for start in range(0, t.numel(), _CHUNK):
-            s = z[start:start + _CHUNK] + b
-            tt = t[start:start + _CHUNK]
-            top2 = s.topk(min(2, self.c), dim=1)
-            v1, i1 = top2.values[:, :1], top2.indices[:, :1]
-            pred = s.argmax(dim=1)  # first maximum, as the model's argmax
-            confusion += torch.bincount(tt * self.c + pred, minlength=self.c * self.c)
-            if self.c == 1:
-                continue
-            v2, i2 = top2.values[:, 1:], top2.indices[:, 1:]
-            first = i1 == classes  # [P, C]: class c is the pixel's top class
-            best_other = torch.where(first, v2, v1)
-            src = torch.where(first, i2, i1)
-            tau = best_other - s + b  # threshold of b_c: z_c + b_c > best other <=> b_c > tau
-            idx = torch.floor((tau - lo) / self.width).add_(1).clamp_(0, self.bins + 1).long()
-            state = (tt.unsqueeze(1) == src).long() + 2 * (tt.unsqueeze(1) == classes).long()
-            flat = ((classes * (self.bins + 2) + idx) * self.c + src) * 3 + state
-            hist += torch.bincount(flat.flatten(), minlength=hist.numel())
+        b = self.b.to(dev)
+        # Class-major [C, pixels] planes: one image's logits[i] already is one (no copy); small
+        # images are grouped (one copy) so that the per-call histogram work is not repeated per
+        # image. Ignored pixels get label c and are counted apart (no compaction pass).
+        t_all = labels.masked_fill(~valid, c).to(torch.int32).view(-1)
+        hw = t_all.numel() // max(n, 1)
+        group = max(1, _CHUNK // max(hw, 1))
+        for i in range(0, n, group):
+            z = logits[i:i + group].transpose(0, 1).reshape(c, -1)
+            t = t_all[i * hw:(i + group) * hw]
+            for start in range(0, z.shape[1], _CHUNK):
+                h, cm = _pass_counts(z[:, start:start + _CHUNK], t[start:start + _CHUNK], b, self.bins, self.span)
+                hist += h
+                confusion += cm
         self.hist, self.confusion = hist.cpu(), confusion.cpu()
 
     def all_reduce(self) -> None:
@@ -149,6 +178,8 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
     form = check_count_form(reward, num_classes, class_weights)
     b = check_offsets(init, num_classes)
 
+    images = [0]  # in this process's passes
+
     def run_pass(offsets: torch.Tensor) -> tuple[ThresholdHistogram, float]:
         h = ThresholdHistogram(offsets, bins, span, ignore_index)
         batches = passes()
@@ -158,12 +189,14 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
             raise SegrewardError(f"fit_offsets_streaming: passes() returned a {type(batches).__name__}, not an iterable "
                                  "of (logits, labels) batches") from None
         n = 0
+        images[0] = 0
         for n, batch in enumerate(batches, 1):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
                 raise SegrewardError(f"fit_offsets_streaming: batch {n} of pass {len(history) + 1} is {what}; every "
                                      "batch must be a (logits [B, C, H, W], labels [B, H, W]) pair")
             h.update(*batch)
+            images[0] += batch[1].shape[0]
         if n == 0 and not torch.distributed.is_initialized():  # under DDP a rank's shard may be empty
             again = " (it must return a fresh iterable each call: an iterator or generator runs only once)" \
                 if history else ""
@@ -215,4 +248,5 @@ def fit_offsets_streaming(passes: Callable[[], Iterable], num_classes: int, rewa
     return Calibration(offsets=b - b.mean(), reward=form.name, reward_before=history[0], reward_after=r,
                        sweeps=len(history), converged=converged, history=history,
                        scores_before=scores_from_confusion(first[2].confusion.view(c, c)),
-                       scores_after=scores_from_confusion(hist.confusion.view(c, c)), mode="streaming")
+                       scores_after=scores_from_confusion(hist.confusion.view(c, c)), mode="streaming",
+                       num_images=images[0])
