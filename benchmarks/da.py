@@ -492,7 +492,11 @@ def run(args) -> dict:
     try:
         for seed in args.seeds:
             sdir = work_root / f"seed{seed}"
-            reuse = {"pair": args.pair, "root": str(Path(args.root).resolve()), "size": list(args.size)}
+            # what makes a stage's weights: config, data, and the float order (threads, torch build);
+            # a stage trained under other threads is another model (issue 20: the 21-frame verdict
+            # reused a seed-0 stage trained elsewhere and could not be reproduced)
+            reuse = {"pair": args.pair, "root": str(Path(args.root).resolve()), "size": list(args.size),
+                     "threads": torch.get_num_threads(), "torch": torch.__version__}
             t0 = time.perf_counter()
             cfg = run_config(args, sdir / "pretrain", seed, "pretrain", args.pretrain_steps, args.pretrain_lr, None,
                              {"loss": {"type": "ce"}}, args.stage_schedule)
