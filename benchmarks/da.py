@@ -908,10 +908,11 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     results = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
               "source_lrs", "uda_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",
+              "write_split",
               "processes", "frames", "reward_class_weights", "num_classes"}
 
     def settings(cfg):  # the tune frames vary with the budget; the selection and evaluation roles may not
-        out = {k: v for k, v in cfg.items() if k not in ignore}
+        out = {k: v for k, v in cfg.items() if k not in ignore and v is not None}  # None: an option added later
         if isinstance(out.get("split"), dict):
             out["split"] = {k: v for k, v in out["split"].items() if k != "tune"}
         return out
