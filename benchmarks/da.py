@@ -260,14 +260,14 @@ def load_camvid_idd(args) -> tuple[dict, dict, dict]:
         sets["unlabelled_extra"] = extra
 
     def derive(data, frames):  # uda: the whole tune pool without labels, plus IDD Lite's unlabelled test frames
-        pool_set = unlabelled(InMemoryDataset.decode(IDDLiteDataset(iroot, "train", names=pool, **kw)))
+        pool_set = InMemoryDataset.decode(IDDLiteDataset(iroot, "train", names=pool, labelled=False, **kw))
         parts_u = [pool_set] + ([data.pop("unlabelled_extra")] if extra is not None else [])
         frames.pop("unlabelled_extra", None)
         frames["target_unlabelled"] = (f"IDD Lite tune pool ({len(pool)} frames, labels dropped)"
                                        + (f" + {len(extra)} unlabelled frames of `{iroot}/leftImg8bit/test`"
                                           if extra is not None else ""))
         return {"target_unlabelled": concat(parts_u)}
-    return sets, frames, {"derive": derive, "split": {k: v for k, v in parts.items()} | {"tune": tune}}
+    return sets, frames, {"derive": derive, "split": {**parts, "tune": tune}}
 
 
 def idd_roles(args) -> tuple[dict[str, list[str]], list[str]]:
@@ -277,10 +277,10 @@ def idd_roles(args) -> tuple[dict[str, list[str]], list[str]]:
     seqs = idd_sequences(iroot, "train")
     parts = split_sequences(seqs, {"evaluation": args.eval_frames, "selection": args.select_frames, "pool": -1},
                             seed=args.split_seed)
-    frames = {s: sorted(n[:-len("_image.jpg")] for n in (p.name for p in (iroot / "leftImg8bit" / "train" / s)
-                                                          .glob("*_image.jpg"))) for s in parts["pool"]}
-    pool = round_robin({s: [f"{s}/{n}" for n in v] for s, v in frames.items()})
-    return parts, pool
+    by_seq: dict[str, list[str]] = {s: [] for s in parts["pool"]}
+    for name in IDDLiteDataset(iroot, "train", sequences=parts["pool"], verify=False).names:  # sorted by name
+        by_seq[idd_sequence(name)].append(name)
+    return parts, round_robin(by_seq)
 
 
 def write_split(args, folder: str | Path) -> None:
