@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from segreward.calibrate import Calibration
 from segreward.calibrate.passes import MODES as CALIBRATE_MODES
+from segreward.engine.resolve import check_batch_size
 from segreward.calibrate.passes import fit_passes
 from segreward.engine.builders import autocast, dataset_info, resize_logits
 from segreward.errors import SegrewardError
@@ -34,8 +35,7 @@ def model_batches(model: nn.Module, dataset: Dataset, batch_size: int = 8, devic
     """``passes()``: each call runs the model in eval mode over (this rank's shard of) the dataset
     and yields ``(float logits at the label size, labels)`` batches on ``device``. The loop of
     the trainer's evaluation and of the calibration fits."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SegrewardError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size, "batch size")
     device = torch.device(device)
     indices = list(range(rank, len(dataset), world))
 
@@ -145,8 +145,7 @@ def calibrate_cli(model, data, split=None, fmt="folder", size=None, out=None, ov
     from segreward.engine.resolve import resolve_data, resolve_device, resolve_model
     if kfold is not None and kfold < 0 or kfold == 1:
         raise SegrewardError(f"--kfold must be 0 (off) or >= 2, got {kfold}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SegrewardError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     dev = resolve_device(device)
     net, weights, classes = resolve_model(model)
     choice = resolve_data(data, split, fmt, size, command="calibrate", classes=classes, cli_classes=folder_classes)

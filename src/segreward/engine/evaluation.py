@@ -53,10 +53,9 @@ def evaluate_cli(model, data, split=None, fmt="folder", size=None, batch_size=8,
     """What ``segreward evaluate`` does: resolve the model and the data as ``segreward calibrate``
     does, score, report. Returns ``{"model", "data", "scores", "classes", "report"}``."""
     from segreward.engine.builders import dataset_info
-    from segreward.engine.resolve import resolve_data, resolve_device, resolve_model
+    from segreward.engine.resolve import check_batch_size, resolve_data, resolve_device, resolve_model
     from segreward.errors import SegrewardError
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SegrewardError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     dev = resolve_device(device)
     net, weights, classes = resolve_model(model)
     choice = resolve_data(data, split, fmt, size, command="evaluate", classes=classes, cli_classes=folder_classes)

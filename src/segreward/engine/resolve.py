@@ -12,7 +12,13 @@ import torch
 
 from segreward.errors import SegrewardError
 
-__all__ = ["DataChoice", "resolve_data", "resolve_device", "resolve_model"]
+__all__ = ["DataChoice", "check_batch_size", "resolve_data", "resolve_device", "resolve_model"]
+
+
+def check_batch_size(value, what: str = "--batch-size") -> None:
+    """A batch size is a whole number >= 1 (not a bool, not a float), or a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SegrewardError(f"{what} must be a whole number >= 1, got {value!r}")
 
 
 def resolve_device(device: str) -> torch.device:
