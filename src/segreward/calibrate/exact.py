@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from segreward.calibrate.search import _SMALL, bounded_search, check_count_form, line_search_full
+from segreward.calibrate.search import _SMALL, SearchWork, bounded_search, check_count_form, line_search_full
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import confusion_matrix, scores_from_confusion
@@ -240,13 +240,21 @@ class _Top2:
     the new second is the old best or second, or ``k``. Lowering it needs each row's third
     class only where ``k`` was one of the two and falls below the other: only those rows are
     recomputed. Scores ``z_k + b_k`` are float64 sums, as ``argmax(z + b)`` in float64 makes
-    them; values move by ``maximum``/``minimum`` (exact) and class ids (int32) by integer
-    arithmetic, which is several times cheaper than ``torch.where`` on a CPU.
+    them; values move by ``maximum``/``minimum`` (exact) and class ids stay int32.
+
+    Every ``[M]`` result of a step is written into buffers allocated once (``out=`` and in-place
+    ops): a fresh multi-megabyte tensor per operation costs page faults that, on a CPU, took
+    longer than the arithmetic (see ``docs/calibrate.md``). The arrays :meth:`without` returns
+    are those buffers: valid until the next call.
     """
 
     def __init__(self, zc: torch.Tensor, b: torch.Tensor):
         self.zc, self.b = zc, b.to(device=zc.device, dtype=torch.float64)
         self.v1, self.i1, self.v2, self.i2 = self._full(zc, self.b)
+        m, dev = zc.shape[1], zc.device
+        self.first, self.src = torch.empty(m, dtype=torch.bool, device=dev), torch.empty_like(self.i1)
+        self.best_other, self.x = torch.empty_like(self.v1), torch.empty_like(self.v1)
+        self.m1, self.m2, self.m3 = (torch.empty(m, dtype=torch.bool, device=dev) for _ in range(3))
 
     @staticmethod
     def _full(zc: torch.Tensor, b: torch.Tensor | None):
@@ -254,9 +262,12 @@ class _Top2:
         float64 scores), first maximum on ties as ``argmax``: the maximum by ``amax``, its first
         index as the number of classes whose running maximum is still below it (a reduction
         that tracks indices over the strided class dim is slow), then the same without it."""
-        s = zc.to(torch.float64) if b is None else zc.to(torch.float64) + b.unsqueeze(1)
-        if b is None and s.data_ptr() == zc.data_ptr():
-            s = s.clone()  # the caller's scores stay as they are
+        if b is None and zc.dtype == torch.float64:
+            s = zc.clone()  # the caller's scores stay as they are
+        else:  # one float64 buffer, the offsets added in place (no second [C, R] temporary)
+            s = torch.empty(zc.shape, dtype=torch.float64, device=zc.device).copy_(zc)
+            if b is not None:
+                s.add_(b.unsqueeze(1))
 
         def first_max(s):
             top = s.amax(0)
@@ -274,11 +285,13 @@ class _Top2:
 
     def without(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(first, argmax, max)`` of each row over the classes other than ``k``; ``first``: ``k`` is the best."""
-        first = self.i1 == k
-        return first, self.i1 + first * (self.i2 - self.i1), torch.where(first, self.v2, self.v1)
+        first = torch.eq(self.i1, k, out=self.first)
+        src = torch.where(first, self.i2, self.i1, out=self.src)
+        return first, src, torch.where(first, self.v2, self.v1, out=self.best_other)
 
     def score(self, k: int) -> torch.Tensor:
-        return self.zc[k].to(torch.float64) + self.b[k]  # (a 0-dim float64 would not promote float32)
+        """``z_k + b_k`` in float64 (into a buffer: valid until the next call)."""
+        return self.x.copy_(self.zc[k]).add_(self.b[k])
 
     def set(self, k: int, old: float, value: float, first: torch.Tensor, src: torch.Tensor,
             best_other: torch.Tensor) -> None:
@@ -286,18 +299,23 @@ class _Top2:
         best_other)`` as :meth:`without` gave them before."""
         rising = value > old
         self.b[k] = value
-        x = self.score(k)
-        wins = (x > best_other) | ((x == best_other) & (k < src))  # k is the new best
+        x = self.x.copy_(self.zc[k]).add_(value)  # the same float64 sum as score(k)
+        # k is the new best: x > best_other, or equal and k the lower class id
+        wins = torch.gt(x, best_other, out=self.m1)
+        tie = torch.eq(x, best_other, out=self.m2).logical_and_(torch.gt(src, k, out=self.m3))
+        wins.logical_or_(tie)
         if rising:  # the new second: the old best if k wins, else k or the old second
-            second = (x > self.v2) | ((x == self.v2) & (k < self.i2))
-            self.i2 += second * (k - self.i2)
-            self.i2 += wins * (src - self.i2)
-            self.i1 = src + wins * (k - src)
-            self.v2 = torch.minimum(torch.maximum(x, self.v2), best_other)
-            self.v1 = torch.maximum(x, best_other)
+            second = torch.gt(x, self.v2, out=self.m2)
+            second.logical_or_(torch.eq(x, self.v2, out=self.m3).logical_and_(self.i2 > k))
+            self.i2.masked_fill_(second, k)
+            torch.where(wins, src, self.i2, out=self.i2)
+            self.i1.copy_(src).masked_fill_(wins, k)
+            torch.minimum(torch.maximum(x, self.v2, out=self.v2), best_other, out=self.v2)
+            torch.maximum(x, best_other, out=self.v1)
             return
-        self.v1 = torch.where(first, x, self.v1)  # rows where k stays the best; the others are recomputed
-        rows = torch.nonzero(((first | (self.i2 == k)) & ~wins)).flatten()
+        torch.where(first, x, self.v1, out=self.v1)  # rows where k stays the best; the others are recomputed
+        redo = torch.eq(self.i2, k, out=self.m2).logical_or_(first).logical_and_(wins.logical_not_())
+        rows = torch.nonzero(redo).flatten()
         if rows.numel():
             v1, i1, v2, i2 = self._full(self.zc.index_select(1, rows), self.b)
             for name, new in (("v1", v1), ("i1", i1), ("v2", v2), ("i2", i2)):
@@ -315,7 +333,7 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     class-major (``[C, M]``: one class's column is contiguous), float32 when that is exact.
     """
     check_settings(max_sweeps, bound)
-    z, t, c = pixels.z, pixels.t, pixels.num_classes
+    t, c = pixels.t, pixels.num_classes
     b = check_offsets(init, c)
     label_area = torch.bincount(t, minlength=c).to(torch.float64)
     if c == 1:  # one class: nothing to choose
@@ -325,6 +343,10 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     t32 = t.to(torch.int32)
     t2 = torch.zeros(c, t.numel(), dtype=torch.int8, device=t.device).scatter_(0, t.view(1, -1), 2)  # 2 at the label
     small = t.numel() <= _SMALL
+    # The step's [M] arrays, allocated once (see _Top2): thresholds, codes, and bounded_search's.
+    tau_buf = torch.empty(t.numel(), dtype=torch.float64, device=t.device)
+    code_buf, same = torch.empty_like(t32), torch.empty(t.numel(), dtype=torch.bool, device=t.device)
+    work = SearchWork(t.numel(), t.device)
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
     cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
@@ -335,15 +357,13 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
             if unchanged >= c:
                 break
             first, src, best_other = top.without(k)
-            tau = best_other - zc[k]
+            tau = torch.sub(best_other, zc[k], out=tau_buf)
             if small:
                 step = line_search_full(form, tau, src, t, k, label_area, offsets[k], reward_now, bound, tol)
                 x, r = step.offset, step.reward
-            else:
-                code = src * 3
-                code += t32 == src
-                code += t2[k]
-                x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol)
+            else:  # src_state's codes: 3 * src + (label is src) + 2 (label is k)
+                code = torch.mul(src, 3, out=code_buf).add_(torch.eq(t32, src, out=same)).add_(t2[k])
+                x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol, work=work)
             if x != offsets[k]:
                 top.set(k, offsets[k], x, first, src, best_other)
                 offsets[k], reward_now, unchanged = x, r, 0

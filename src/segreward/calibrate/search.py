@@ -257,8 +257,24 @@ def _upper_bound(form: CountReward, i_hi: torch.Tensor, p_lo: torch.Tensor, lab:
     return total / weight
 
 
+class SearchWork:
+    """The ``[M]`` arrays of :func:`bounded_search`, allocated once for every step of a fit over
+    ``m`` pixels (a fresh multi-megabyte tensor per step costs page faults, see ``_Top2``)."""
+
+    def __init__(self, m: int, device=None):
+        self.scaled = torch.empty(m, dtype=torch.float64, device=device)
+        self.idx = torch.empty(m, dtype=torch.long, device=device)
+        self.key = torch.empty(m, dtype=torch.long, device=device)
+        self.flag = torch.empty(m, dtype=torch.uint8, device=device)
+
+    def take(self, m: int):
+        """``(scaled, idx, key, flag)`` for ``m`` pixels."""
+        return self.scaled[:m], self.idx[:m], self.key[:m], self.flag[:m]
+
+
 def bounded_search(form: CountReward, tau, code, c: int, label_area, current: float, current_reward: float,
-                   bound: float | None, tol: float, nb: int | None = None) -> tuple[float, float]:
+                   bound: float | None, tol: float, nb: int | None = None,
+                   work: SearchWork | None = None) -> tuple[float, float]:
     """The exact best interval without sorting all thresholds (branch and bound).
 
     ``code``: the pixels' :func:`src_state` codes. The thresholds are binned (``nb`` bins, monotone
@@ -268,7 +284,7 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     (:func:`_upper_bound`); only bins whose bound beats the best reward found are sorted and
     searched exactly. Every pass over the pixels is a tensor op; the host reads the thresholds'
     range, the number of pixels in promising bins and the result (see ``tests``: a fixed number
-    of reads per step, whatever the number of pixels).
+    of reads per step, whatever the number of pixels). ``work``: buffers for the ``[M]`` arrays.
     """
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
@@ -281,14 +297,17 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
         target = torch.where(state == 2, c, torch.where(state == 1, src, -1))
         lo, hi, reward = reward_curve(form, tau, src, target, c, label_area, eps=eps)
         return _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
-    # (tau - t_lo) / width >= 0: truncation is the floor.
-    idx = (tau - t_lo).div_((t_hi - t_lo) / nb).long().clamp_(max=nb - 1)
-    h = count(torch.add(code, idx, alpha=3 * num_classes), nb * num_classes * 3)
+    work = work or SearchWork(m, dev)
+    scaled, idx, key, flag_of = work.take(m)
+    # (tau - t_lo) / width >= 0: truncation (the float -> int copy) is the floor.
+    idx.copy_(torch.sub(tau, t_lo, out=scaled).div_((t_hi - t_lo) / nb)).clamp_(max=nb - 1)
+    h = count(torch.mul(idx, 3 * num_classes, out=key).add_(code), nb * num_classes * 3)
     # Per (bin, source class, state: label neither / the source / c), running over the bins from
     # a zero row: [nb + 1, C, 3]; the moves out of each class, its hits lost, c's hits gained.
     h = torch.cumsum(h.view(nb, num_classes, 3), 0).to(torch.float64)
     h = torch.cat([h.new_zeros(1, num_classes, 3), h])
-    moved, lost, into_c = h.sum(-1), h[..., 1], h[..., 2].sum(-1)
+    lost, into = h[..., 1], h[..., 2]  # (sums over a last dim of 3 are slow on a CPU: added by hand)
+    moved, into_c = h[..., 0] + lost + into, into.sum(-1)
     p_e, i_e = moved[-1] - moved, lost[-1] - lost  # counts at every edge e (bins < e moved): [nb + 1, C]
     p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
     lab_e = lab.expand_as(p_e)
@@ -317,7 +336,7 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     bins = torch.nonzero(ub > best + tol).flatten()
     if bins.numel():
         flag = torch.zeros(nb, dtype=torch.uint8, device=dev).index_fill_(0, bins, 1)
-        sel = torch.nonzero(flag.index_select(0, idx)).flatten()
+        sel = torch.nonzero(torch.index_select(flag, 0, idx, out=flag_of)).flatten()
         sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
         kb = idx[sel]
         t_s = tau[sel]
