@@ -11,12 +11,18 @@ from typing import Sequence
 
 import torch
 
+from segreward.engine.allocator import keep_freed_memory, malloc_setting
+
+# Every benchmark runs as segreward's commands do: freed memory kept for reuse (glibc; see
+# segreward.engine.allocator). SEGREWARD_MALLOC=default measures with malloc as it is.
+keep_freed_memory()
+
 
 def machine_info() -> dict:
     """Facts a timing or a score depends on: versions, processor, threads, load."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "malloc": malloc_setting()}
     if hasattr(os, "getloadavg"):
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     if torch.cuda.is_available():

@@ -232,22 +232,29 @@ def test_benchmark_without_a_test_split_scores_the_selection_split(bench, tmp_pa
 
 def test_same_command_same_seed_same_numbers(tmp_path):
     """Two processes running the same command (seed, threads) record identical scores, in every
-    protocol: stages, batches, flips, sampling (local estimator) and evaluation are all seeded."""
+    protocol: stages, batches, flips, sampling (local estimator) and evaluation are all seeded.
+    The second runs with malloc as it is (SEGREWARD_MALLOC=default): the allocator setting
+    changes where memory comes from, never a number."""
+    import os
     import subprocess
     import sys
     make_camvid(tmp_path / "camvid")
-    outs = []
+    outs, mallocs = [], []
     for k in range(2):
+        env = {**os.environ, "SEGREWARD_MALLOC": "keep-freed" if k == 0 else "default"}
         out = tmp_path / f"run{k}"
         subprocess.run([sys.executable, str(BENCH), "--root", str(tmp_path / "camvid"), "--seeds", "3",
                         "--size", str(H), str(W), "--width", "8", "--batch", "2", "--pretrain-steps", "4",
                         "--finetune-steps", "3", "--steps", "3", "--source-steps", "2", "--uda-steps", "2",
                         "--lrs", "1e-3", "--threshold", "0.1", "--source-eval-every", "1", "--threads", "1",
                         "--methods", "ce", "local_batch_ce", "lovasz", "local_pseudo_batch", "--out", str(out)],
-                       check=True, capture_output=True)
-        runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+                       check=True, capture_output=True, env=env)
+        saved = json.loads(out.with_suffix(".json").read_text())
+        runs = saved["runs"]
+        mallocs.append(saved["config"]["machine"]["malloc"])
         outs.append({(r["protocol"], r["method"], r["lr"]): {k: v for k, v in r.items() if k != "time_s"}
                      for r in runs})
+    assert mallocs == (["keep-freed", "default"] if sys.platform.startswith("linux") else ["default", "default"])
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 22
     for key in outs[0]:
         assert outs[0][key] == outs[1][key], key

@@ -92,7 +92,9 @@ class PixelSet:
 def _check_logits(logits: torch.Tensor, where: str = "logits") -> None:
     if not torch.is_floating_point(logits):
         raise SegrewardError(f"{where} must be a float tensor, got {logits.dtype}")
-    if not bool(torch.isfinite(logits).all()):
+    # One float64 sum is finite exactly when every value is (a float32 set cannot overflow it);
+    # the elementwise check only runs when it is not (a bad value, or float64 logits near 1e308).
+    if not bool(torch.isfinite(logits.sum(dtype=torch.float64))) and not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
         raise SegrewardError(f"{where} hold {bad} NaN or infinite values; calibrate a model whose outputs are finite")
 
@@ -136,8 +138,8 @@ def flatten_labelled(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
     n, _, h, w = logits.shape
     t = labels[valid]
     image = torch.arange(n, device=labels.device).view(n, 1, 1).expand(n, h, w)[valid]
-    if class_major:  # [C, M] in the logits' precision (at least float32)
-        zc = logits.transpose(0, 1)[:, valid]
+    if class_major:  # [C, M] in the logits' precision (at least float32): one copy, then one gather per class
+        zc = logits.transpose(0, 1).reshape(logits.shape[1], -1).index_select(1, valid.view(-1).nonzero().flatten())
         return (zc if zc.dtype == torch.float64 else zc.float()), t, image
     return logits.permute(0, 2, 3, 1)[valid].to(torch.float64), t, image
 

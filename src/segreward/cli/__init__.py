@@ -48,7 +48,9 @@ def _main(argv: list[str] | None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from segreward.engine.allocator import keep_freed_memory
     from segreward.outputs import created_mark, discard_empty_dirs
+    keep_freed_memory()  # freed tensors' memory reused, not returned and faulted in again
     mark = created_mark()
     try:
         result = args.func(args)
