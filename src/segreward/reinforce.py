@@ -158,8 +158,9 @@ def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor
         expected = weighted.sum(1, keepdim=True)  # E_c[credit] per pixel
         value = -expected.flatten(1).sum(1)  # [B]
         direction = weighted.sub_(p * expected)  # d(sum_c p_c credit_c) / dz
-    # Where p_c = 0 (a class masked with -inf logits) the direction is 0; keep 0 * -inf out of it.
-    moved = (z.where(direction != 0, torch.zeros((), dtype=z.dtype, device=z.device)) * direction).flatten(1).sum(1)
+    # Where p_c = 0 (a class masked with -inf logits) the direction is 0; keep 0 * -inf out of it:
+    # -inf clamped to the lowest finite value times 0 is 0 (one pass; finite logits are unchanged).
+    moved = (z.clamp_min(torch.finfo(z.dtype).min) * direction).flatten(1).sum(1)
     per_image = value - (moved - moved.detach())  # value of the surrogate, gradient -direction
     per_group = torch.zeros(g, dtype=per_image.dtype, device=per_image.device).index_add(0, group, per_image)
     return per_group, credit
@@ -397,7 +398,8 @@ class _LocalEstimator:
                 # share of labelled pixels where switching to the label class would raise the reward
                 credit_label_pos=((label_credit > 0) & mask).sum() / n,
                 # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
-                entropy=((lse - (p * z).nan_to_num(nan=0.0).sum(1)) * mask).sum() / n)  # 0 * -inf: 0
+                # (a -inf logit, where p = 0, clamped to the lowest finite value: 0 * -inf is 0)
+                entropy=((lse - torch.linalg.vecdot(p, z.clamp_min(torch.finfo(z.dtype).min), dim=1)) * mask).sum() / n)
         return value, diagnostics
 
 
