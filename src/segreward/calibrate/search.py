@@ -261,20 +261,43 @@ class SearchWork:
     """The ``[M]`` arrays of :func:`bounded_search`, allocated once for every step of a fit over
     ``m`` pixels (a fresh multi-megabyte tensor per step costs page faults, see ``_Top2``)."""
 
-    def __init__(self, m: int, device=None):
+    def __init__(self, m: int, device=None, fused: bool = False):
         self.scaled = torch.empty(m, dtype=torch.float64, device=device)
         self.idx = torch.empty(m, dtype=torch.long, device=device)
         self.key = torch.empty(m, dtype=torch.long, device=device)
         self.flag = torch.empty(m, dtype=torch.uint8, device=device)
+        # fused: the binning pass and the selection by numba loops (CPU; see _kernels)
+        self.fused = fused and torch.device(device or "cpu").type == "cpu"
+        self._per_bins: dict = {}
 
     def take(self, m: int):
         """``(scaled, idx, key, flag)`` for ``m`` pixels."""
         return self.scaled[:m], self.idx[:m], self.key[:m], self.flag[:m]
 
+    def fused_bins(self, tau, code, t_lo: float, width: float, nb: int, num_classes: int):
+        """:func:`_kernels.bins` into buffers: ``(idx [M], hist [nb * C * 3], t_max [nb], t_min [nb])``."""
+        from segreward.calibrate import _kernels
+        key = (nb, num_classes)
+        if key not in self._per_bins:
+            self._per_bins[key] = (torch.empty(nb * num_classes * 3, dtype=torch.long),
+                                   torch.empty(nb, dtype=tau.dtype), torch.empty(nb, dtype=tau.dtype))
+        hist, t_max, t_min = self._per_bins[key]
+        idx = self.idx[:tau.numel()]
+        _kernels.bins(tau.numpy(), code.numpy(), t_lo, width, nb, num_classes, idx.numpy(), hist.numpy(),
+                      t_max.numpy(), t_min.numpy())
+        return idx, hist, t_max, t_min
+
+    def fused_select(self, idx, flag) -> torch.Tensor:
+        """The pixels whose bin is flagged (pixel order), by :func:`_kernels.select`."""
+        from segreward.calibrate import _kernels
+        out = self.key[:idx.numel()]
+        n = _kernels.select(idx.numpy(), flag.numpy(), out.numpy())
+        return out[:n]
+
 
 def bounded_search(form: CountReward, tau, code, c: int, label_area, current: float, current_reward: float,
                    bound: float | None, tol: float, nb: int | None = None,
-                   work: SearchWork | None = None) -> tuple[float, float]:
+                   work: SearchWork | None = None, t_range: tuple[float, float] | None = None) -> tuple[float, float]:
     """The exact best interval without sorting all thresholds (branch and bound).
 
     ``code``: the pixels' :func:`src_state` codes. The thresholds are binned (``nb`` bins, monotone
@@ -284,13 +307,17 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     (:func:`_upper_bound`); only bins whose bound beats the best reward found are sorted and
     searched exactly. Every pass over the pixels is a tensor op; the host reads the thresholds'
     range, the number of pixels in promising bins and the result (see ``tests``: a fixed number
-    of reads per step, whatever the number of pixels). ``work``: buffers for the ``[M]`` arrays.
+    of reads per step, whatever the number of pixels). ``work``: buffers for the ``[M]`` arrays
+    (and the fused CPU loops); ``t_range``: the thresholds' ``(min, max)`` when already known.
     """
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
     nb = nb or int(min(4096, max(64, m // 128)))
-    t_lo, t_hi = torch.aminmax(tau)
-    t_lo, t_hi = torch.stack([t_lo, t_hi]).tolist()
+    if t_range is None:
+        t_lo, t_hi = torch.aminmax(tau)
+        t_lo, t_hi = torch.stack([t_lo, t_hi]).tolist()
+    else:
+        t_lo, t_hi = t_range
     eps = _eps_of_range(t_lo, t_hi)
     if not t_hi - t_lo > eps:
         src, state = code.div(3, rounding_mode="floor"), code.remainder(3)
@@ -299,9 +326,15 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
         return _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
     work = work or SearchWork(m, dev)
     scaled, idx, key, flag_of = work.take(m)
+    inf = float("inf")
     # (tau - t_lo) / width >= 0: truncation (the float -> int copy) is the floor.
-    idx.copy_(torch.sub(tau, t_lo, out=scaled).div_((t_hi - t_lo) / nb)).clamp_(max=nb - 1)
-    h = count(torch.mul(idx, 3 * num_classes, out=key).add_(code), nb * num_classes * 3)
+    if work.fused:  # one loop: bins, histogram, each bin's extreme thresholds (the same numbers)
+        idx, h, t_max, t_min = work.fused_bins(tau, code, t_lo, (t_hi - t_lo) / nb, nb, num_classes)
+    else:
+        idx.copy_(torch.sub(tau, t_lo, out=scaled).div_((t_hi - t_lo) / nb)).clamp_(max=nb - 1)
+        h = count(torch.mul(idx, 3 * num_classes, out=key).add_(code), nb * num_classes * 3)
+        t_max = torch.full((nb,), -inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amax")
+        t_min = torch.full((nb,), inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amin")
     # Per (bin, source class, state: label neither / the source / c), running over the bins from
     # a zero row: [nb + 1, C, 3]; the moves out of each class, its hits lost, c's hits gained.
     h = torch.cumsum(h.view(nb, num_classes, 3), 0).to(torch.float64)
@@ -313,9 +346,6 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     lab_e = lab.expand_as(p_e)
     edge_reward = reward_from_counts(form, i_e, p_e, lab_e)
     # The offsets that give edge e's state: (largest tau below it, smallest tau at or above it).
-    inf = float("inf")
-    t_max = torch.full((nb,), -inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amax")
-    t_min = torch.full((nb,), inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amin")
     below = torch.cat([t_max.new_full((1,), -inf), torch.cummax(t_max, 0).values])
     above = torch.cat([torch.flip(torch.cummin(torch.flip(t_min, [0]), 0).values, [0]), t_min.new_full((1,), inf)])
     lows, highs, rewards = [below], [above], [edge_reward]
@@ -336,7 +366,8 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     bins = torch.nonzero(ub > best + tol).flatten()
     if bins.numel():
         flag = torch.zeros(nb, dtype=torch.uint8, device=dev).index_fill_(0, bins, 1)
-        sel = torch.nonzero(torch.index_select(flag, 0, idx, out=flag_of)).flatten()
+        sel = work.fused_select(idx, flag) if work.fused else \
+            torch.nonzero(torch.index_select(flag, 0, idx, out=flag_of)).flatten()
         sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
         kb = idx[sel]
         t_s = tau[sel]

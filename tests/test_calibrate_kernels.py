@@ -1,0 +1,116 @@
+"""The exact fit's fused CPU loops (numba) give the same offsets, rewards and histories, bit for
+bit, as the tensor code they replace; SEGREWARD_NUMBA=0 turns them off."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segreward.calibrate import _kernels
+from segreward.calibrate.exact import fit_offsets, fit_pixels, pixel_set, set_confusion
+from segreward.calibrate.search import check_count_form
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba not installed")
+
+
+def both(monkeypatch, *args, **kwargs):
+    """fit_offsets with the fused loops, then with the tensor code."""
+    fused = fit_offsets(*args, **kwargs)
+    monkeypatch.setattr(_kernels, "available", lambda: False)
+    plain = fit_offsets(*args, **kwargs)
+    monkeypatch.undo()
+    return fused, plain
+
+
+def scenes(seed, n=6, c=7, h=40, w=50, scale=1.0, ties=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, h, w, generator=g) * scale
+    y = torch.randint(0, c, (n, h, w), generator=g)
+    # labels that follow the logits in part, so the fit has something to trade
+    y = torch.where(torch.rand(n, h, w, generator=g) < 0.5, z.argmax(1), y)
+    y[:, :3] = 255
+    if ties:  # rounded logits: equal scores, equal thresholds, ties between classes
+        z[:, :, ::3] = (z[:, :, ::3] * 2).round() / 2
+    return z.to(dtype), y
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("reward", ["miou", "dice", "pixel_accuracy", {"miou": 1.0, "pixel_accuracy": 0.5}])
+def test_fused_equals_tensor_code(monkeypatch, seed, reward):
+    z, y = scenes(seed, scale=1 + seed)
+    fused, plain = both(monkeypatch, z, y, reward=reward)
+    assert fused.offsets.tolist() == plain.offsets.tolist()
+    assert fused.history == plain.history and fused.sweeps == plain.sweeps
+    assert fused.reward_before == plain.reward_before and fused.reward_after == plain.reward_after
+
+
+@pytest.mark.parametrize("case", ["bound", "weighted", "float64", "init", "two_classes", "no_ties"])
+def test_fused_equals_tensor_code_in_every_setting(monkeypatch, case):
+    kw, z, y = {}, *scenes(11)
+    if case == "bound":
+        kw["bound"] = 0.3
+    elif case == "weighted":
+        kw = {"reward": "weighted_miou", "class_weights": torch.linspace(0.2, 2.0, 7)}
+    elif case == "float64":  # logits float32 cannot hold: the fit reads float64
+        z, y = scenes(12, dtype=torch.float64)
+        z = z + 1e-9 * torch.rand_like(z)
+    elif case == "init":
+        kw["init"] = torch.linspace(-0.5, 0.5, 7)
+    elif case == "two_classes":
+        z, y = scenes(13, c=2)
+    elif case == "no_ties":
+        z, y = scenes(14, ties=False)
+    fused, plain = both(monkeypatch, z, y, **kw)
+    assert fused.offsets.tolist() == plain.offsets.tolist() and fused.history == plain.history
+    assert fused.scores_before == plain.scores_before and fused.scores_after == plain.scores_after
+
+
+def test_before_comes_from_the_fit_and_matches_a_separate_evaluation():
+    z, y = scenes(3)
+    pixels = pixel_set(z, y)
+    start = {}
+    fit_pixels(pixels, check_count_form("miou", 7), start=start)
+    assert torch.equal(start["confusion"], set_confusion(pixels, torch.zeros(7, dtype=torch.float64)))
+
+
+def test_switch_off_by_environment():
+    code = "from segreward.calibrate import _kernels; print(_kernels.available())"
+    env = {**os.environ, "SEGREWARD_NUMBA": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_prefix_and_bins_match_their_tensor_definitions():
+    """The two loops of a step against the tensor expressions they fuse."""
+    g = torch.Generator().manual_seed(5)
+    m, c, k, nb = 5000, 6, 2, 40
+    zc = torch.randn(c, m, generator=g)
+    b = torch.randn(c, dtype=torch.float64, generator=g)
+    s = zc.double() + b.unsqueeze(1)
+    v1, i1 = s.max(0)
+    s2 = s.scatter(0, i1.unsqueeze(0), -float("inf"))
+    v2, i2 = s2.max(0)
+    i1, i2 = i1.int(), i2.int()
+    t = torch.randint(0, c, (m,), generator=g, dtype=torch.int32)
+    first = torch.empty(m, dtype=torch.bool)
+    src, code = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.int32)
+    bo, tau = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+    lo, hi = _kernels.prefix(i1.numpy(), i2.numpy(), v1.numpy(), v2.numpy(), zc[k].numpy(), t.numpy(), k,
+                             first.numpy(), src.numpy(), bo.numpy(), tau.numpy(), code.numpy())
+    assert torch.equal(first, i1 == k) and torch.equal(src, torch.where(i1 == k, i2, i1))
+    assert torch.equal(tau, torch.where(i1 == k, v2, v1) - zc[k])
+    assert torch.equal(code, src * 3 + (t == src).int() + 2 * (t == k).int())
+    assert (lo, hi) == (float(tau.min()), float(tau.max()))
+    idx = torch.empty(m, dtype=torch.long)
+    hist = torch.empty(nb * c * 3, dtype=torch.long)
+    t_max, t_min = torch.empty(nb, dtype=torch.float64), torch.empty(nb, dtype=torch.float64)
+    _kernels.bins(tau.numpy(), code.numpy(), lo, (hi - lo) / nb, nb, c, idx.numpy(), hist.numpy(), t_max.numpy(),
+                  t_min.numpy())
+    want = ((tau - lo) / ((hi - lo) / nb)).long().clamp(max=nb - 1)
+    assert torch.equal(idx, want)
+    assert torch.equal(hist, torch.bincount(want * 3 * c + code, minlength=nb * c * 3))
+    ref_max = torch.full((nb,), -float("inf"), dtype=torch.float64).scatter_reduce(0, want, tau, "amax")
+    ref_min = torch.full((nb,), float("inf"), dtype=torch.float64).scatter_reduce(0, want, tau, "amin")
+    assert torch.equal(t_max, ref_max) and torch.equal(t_min, ref_min)
