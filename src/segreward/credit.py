@@ -163,6 +163,42 @@ def reward_from_counts(form: CountReward, i: torch.Tensor, p: torch.Tensor, l: t
     return total / weight
 
 
+def _part_tables(terms: Callable, i, p, l, dtype):
+    """The per-(group, class) tables of one ratio ``R = Num / Den``: ``(in_miss, in_hit,
+    out_miss, out_hit, den)``, each table a pair ``(dA - R dB, dB)`` of ``[G, C]`` in ``dtype`` for
+    a pixel entering / leaving a class with / without its label; ``den [G]`` float64."""
+    a0, b0 = terms(i, p, l)
+    num, den = a0.sum(-1), b0.sum(-1)  # [G]
+    r0 = _ratio(num, den)
+    one = torch.ones_like(i)
+
+    def change(ii, pp):  # (dA - R dB, dB) per class, for a pixel entering/leaving with these counts
+        a, b = terms(ii, pp.clamp_min(0), l)
+        db = b - b0
+        return ((a - a0) - r0.unsqueeze(-1) * db).to(dtype), db.to(dtype)
+
+    return change(i, p + one), change(i + one, p + one), change(i, p - one), \
+        change((i - one).clamp_min(0), p - one), den
+
+
+def credit_tables(form: "CountReward", group_counts: torch.Tensor, dtype=torch.float32):
+    """What the fused credit loop (:mod:`segreward._credit_kernel`) reads for one sample's counts
+    ``group_counts [G, C, 3]``: ``(tables [P, 8, G, C], den [P, G], part weights [P])`` in
+    ``dtype``, the rows ordered leave-miss/leave-hit numerators, leave-miss/leave-hit denominators,
+    enter-miss numerator/denominator, enter-hit numerator/denominator (see :func:`_part_credit`)."""
+    gc = group_counts.to(torch.float64)
+    i, p, l = gc[..., 0], gc[..., 1], gc[..., 2]
+    weight = sum(w for _, w in form.parts)
+    tables, dens, ws = [], [], []
+    for terms, w in form.parts:
+        in_miss, in_hit, out_miss, out_hit, den = _part_tables(terms, i, p, l, dtype)
+        tables.append(torch.stack([out_miss[0], out_hit[0], out_miss[1], out_hit[1],
+                                   in_miss[0], in_miss[1], in_hit[0], in_hit[1]]))
+        dens.append(den.to(dtype))
+        ws.append(w / weight)
+    return torch.stack(tables), torch.stack(dens), torch.tensor(ws, dtype=dtype)
+
+
 def _part_credit(terms: Callable, i, p, l, sample, target, valid, group, dtype):
     """Credit ``[B, C, H, W]`` of one ratio ``R = Num / Den`` (``sum a / sum b``).
 
@@ -174,19 +210,7 @@ def _part_credit(terms: Callable, i, p, l, sample, target, valid, group, dtype):
 
     which never subtracts two nearly equal rewards (float32 keeps the credit's own precision).
     """
-    a0, b0 = terms(i, p, l)
-    num, den = a0.sum(-1), b0.sum(-1)  # [G]
-    r0 = _ratio(num, den)
-    one = torch.ones_like(i)
-
-    def change(ii, pp):  # (dA - R dB, dB) per class, for a pixel entering/leaving with these counts
-        a, b = terms(ii, pp.clamp_min(0), l)
-        db = b - b0
-        return ((a - a0) - r0.unsqueeze(-1) * db).to(dtype), db.to(dtype)
-
-    in_miss, in_hit = change(i, p + one), change(i + one, p + one)
-    out_miss, out_hit = change(i, p - one), change((i - one).clamp_min(0), p - one)
-
+    in_miss, in_hit, out_miss, out_hit, den = _part_tables(terms, i, p, l, dtype)
     bsz, h, w = sample.shape
     c = i.shape[-1]
     hit = sample == target

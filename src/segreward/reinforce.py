@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segreward.credit import SCOPES, count_form, credit_table, reward_from_counts
+from segreward import _credit_kernel
+from segreward.credit import SCOPES, count_form, credit_table, credit_tables, reward_from_counts
 from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import check_labels, sample_confusion
 from segreward.rewards import REWARDS, get_reward, miou
@@ -129,6 +130,43 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _Surrogate(torch.autograd.Function):
+    """``value [B]`` whose gradient with respect to ``z`` is ``-direction`` (per image, times the
+    incoming gradient): the surrogate's closed-form gradient without a forward pass over ``z``.
+    Where ``p_c = 0`` (a class masked with ``-inf`` logits) ``direction`` is 0, and so is the gradient."""
+
+    @staticmethod
+    def forward(ctx, z, value, direction):
+        ctx.save_for_backward(direction)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (direction,) = ctx.saved_tensors
+        shape = (-1,) + (1,) * (direction.dim() - 1)
+        return (-grad).view(shape) * direction, None, None
+
+
+def _fused_credit(form, p, samples, target, group_counts, group, ignore_index):
+    """``(credit, p * credit)`` by the fused loop (:mod:`segreward._credit_kernel`): the same
+    numbers as :func:`credit_table` averaged over the samples, times ``p``."""
+    k, bsz, h, w = samples.shape
+    c = p.shape[1]
+    valid = target != ignore_index
+    tgt = torch.where(valid, target, torch.zeros_like(target)).long()
+    tabs, dens, wpart = zip(*(credit_tables(form, group_counts[j], p.dtype) for j in range(k)))
+    tables, den, wpart = torch.stack(tabs).contiguous(), torch.stack(dens).contiguous(), wpart[0]
+    consts = torch.tensor([0.0, float("inf"), float(k)], dtype=p.dtype)
+    pc = p.contiguous()
+    credit, weighted = torch.empty_like(pc), torch.empty_like(pc)
+    _credit_kernel.credit_and_weighted(
+        pc.view(bsz, c, h * w).numpy(), samples.long().contiguous().view(k, bsz, h * w).numpy(),
+        tgt.contiguous().view(bsz, h * w).numpy(), valid.contiguous().view(bsz, h * w).numpy(),
+        group.long().numpy(), tables.numpy(), den.numpy(), wpart.numpy(), len(form.parts) > 1,
+        consts.numpy(), credit.view(bsz, c, h * w).numpy(), weighted.view(bsz, c, h * w).numpy())
+    return credit, weighted
+
+
 def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor, form, group_counts: torch.Tensor,
                     ignore_index: int = 255, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The local-expectation surrogate ``-sum_i sum_c p_i(c) * credit_i(c)``, averaged over samples.
@@ -149,19 +187,19 @@ def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor
     group = torch.arange(bsz, device=z.device) if g == bsz else torch.zeros(bsz, dtype=torch.long, device=z.device)
     with torch.no_grad():
         p = F.softmax(z, dim=1) if probs is None else probs
-        credit = credit_table(form, samples[0], target, group_counts[0], group, ignore_index, p.dtype)
-        for j in range(1, k):  # one [B, C, H, W] buffer whatever K is
-            credit.add_(credit_table(form, samples[j], target, group_counts[j], group, ignore_index, p.dtype))
-        if k > 1:
-            credit.div_(k)
-        weighted = p * credit
+        if _credit_kernel.available() and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+            credit, weighted = _fused_credit(form, p, samples, target, group_counts, group, ignore_index)
+        else:
+            credit = credit_table(form, samples[0], target, group_counts[0], group, ignore_index, p.dtype)
+            for j in range(1, k):  # one [B, C, H, W] buffer whatever K is
+                credit.add_(credit_table(form, samples[j], target, group_counts[j], group, ignore_index, p.dtype))
+            if k > 1:
+                credit.div_(k)
+            weighted = p * credit
         expected = weighted.sum(1, keepdim=True)  # E_c[credit] per pixel
         value = -expected.flatten(1).sum(1)  # [B]
         direction = weighted.sub_(p * expected)  # d(sum_c p_c credit_c) / dz
-    # Where p_c = 0 (a class masked with -inf logits) the direction is 0; keep 0 * -inf out of it:
-    # -inf clamped to the lowest finite value times 0 is 0 (one pass; finite logits are unchanged).
-    moved = (z.clamp_min(torch.finfo(z.dtype).min) * direction).flatten(1).sum(1)
-    per_image = value - (moved - moved.detach())  # value of the surrogate, gradient -direction
+    per_image = _Surrogate.apply(z, value, direction)  # value of the surrogate, gradient -direction
     per_group = torch.zeros(g, dtype=per_image.dtype, device=per_image.device).index_add(0, group, per_image)
     return per_group, credit
 

@@ -15,25 +15,11 @@ runs both paths). Used for CPU tensors when numba is installed (the ``fast`` ext
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-try:  # optional: the tensor code is the reference and the GPU path
-    import numba
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
+from segreward._numba import available, jit as _jit
 
 __all__ = ["available", "prefix", "bins", "select", "rise", "fall", "top2"]
-
-
-def available() -> bool:
-    """Whether the fused loops can be used (numba installed and not turned off)."""
-    return numba is not None and os.environ.get("SEGREWARD_NUMBA", "1").strip() not in ("0", "false", "no")
-
-
-def _jit(fn):
-    return numba.njit(cache=True, nogil=True, boundscheck=False)(fn) if numba is not None else fn
 
 
 @_jit
