@@ -1,5 +1,6 @@
-"""The local estimator's fused credit loop (numba) gives the same loss, gradient and diagnostics,
-bit for bit, as the tensor code (credit_table), in every reward form, scope, K and dtype."""
+"""The estimators' fused loops (numba): the local credit gives the same loss, gradient and
+diagnostics, bit for bit, as the tensor code (credit_table), in every reward form, scope, K and
+dtype; the categorical draws are the same samples."""
 
 import pytest
 import torch
@@ -74,3 +75,22 @@ def test_credit_matches_the_table_it_fuses():
     credit, weighted = _fused_credit(form, p, s, y, cm, torch.arange(b), 255)
     want = credit_table(form, s[0], y, cm[0], torch.arange(b), 255, p.dtype)
     assert torch.equal(credit, want) and torch.equal(weighted, p * want)
+
+
+@pytest.mark.parametrize("classes", [2, 5, 11, 150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 4])
+def test_fused_draws_equal_tensor_draws(monkeypatch, classes, dtype, k):
+    """draw_from_probs's loop (numba) against its tensor code: the same samples and argmax,
+    also with tied logits (equal probabilities) and more than 255 classes' worth of counts."""
+    from segreward import _draw_kernel
+    from segreward.sampling import draw_from_probs
+    g = torch.Generator().manual_seed(classes)
+    z = torch.randn(3, classes, 9, 13, generator=g) * 3
+    z[:, :, :2] = z[:, :, :2].round()
+    p = torch.softmax(z.to(dtype), 1)
+    fused = draw_from_probs(p, k, torch.Generator().manual_seed(3), with_argmax=True)
+    monkeypatch.setattr(_draw_kernel, "available", lambda: False)
+    plain = draw_from_probs(p, k, torch.Generator().manual_seed(3), with_argmax=True)
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    assert fused[0].dtype == torch.long and fused[0].shape == (k, 3, 9, 13)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segreward import _draw_kernel
 from segreward.errors import SegrewardError
 
 __all__ = ["CategoricalSampler", "CoherentSampler", "LocalSampler", "draw_from_probs", "get_sampler", "SAMPLERS"]
@@ -80,6 +81,12 @@ def _draw(logp: torch.Tensor, k: int, generator: torch.Generator | None) -> torc
 
 
 @torch.no_grad()
+def _zero(dtype: torch.dtype):
+    """0 in the numpy type of ``dtype`` (the loop's running sum starts there, as the tensor code's)."""
+    import numpy as np
+    return np.float32(0) if dtype == torch.float32 else np.float64(0)
+
+
 def draw_from_probs(p: torch.Tensor, k: int, generator: torch.Generator | None = None,
                     with_argmax: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inverse-CDF draws ``[K, B, H, W]`` from probabilities ``p`` ``[B, C, H, W]``, and (optionally)
@@ -94,6 +101,15 @@ def draw_from_probs(p: torch.Tensor, k: int, generator: torch.Generator | None =
     b, c, h, w = p.shape
     # [K, B, H, W], contiguous: a comparison with the permuted view is ~3x slower on a CPU.
     u = torch.rand(b, h, w, k, device=p.device, generator=generator).permute(3, 0, 1, 2).contiguous()
+    if _draw_kernel.available() and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+        # One loop over the pixels (numba): the same sums and comparisons, so the same samples.
+        idx = torch.empty(k, b, h, w, dtype=torch.long)
+        arg = torch.empty(b, h, w, dtype=torch.long) if with_argmax else torch.empty(1, 1, dtype=torch.long)
+        pc = p.contiguous()
+        _draw_kernel.draw(pc.view(b, c, h * w).numpy(), u.view(k, b, h * w).numpy(),
+                          _zero(pc.dtype), idx.view(k, b, h * w).numpy(),
+                          arg.view(b, -1).numpy() if with_argmax else arg.numpy(), with_argmax)
+        return idx, (arg if with_argmax else None)
     small = torch.uint8 if c <= 256 else torch.int32  # fewer bytes per pass; widened once at the end
     idx = torch.zeros(k, b, h, w, dtype=small, device=p.device)
     acc = torch.zeros(b, h, w, dtype=p.dtype, device=p.device)
