@@ -114,3 +114,29 @@ def test_prefix_and_bins_match_their_tensor_definitions():
     ref_max = torch.full((nb,), -float("inf"), dtype=torch.float64).scatter_reduce(0, want, tau, "amax")
     ref_min = torch.full((nb,), float("inf"), dtype=torch.float64).scatter_reduce(0, want, tau, "amin")
     assert torch.equal(t_max, ref_max) and torch.equal(t_min, ref_min)
+
+
+@pytest.mark.parametrize("classes", [2, 5, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_streaming_pass_equals_tensor_pass(monkeypatch, classes, dtype):
+    """A streaming pass's histogram and confusion by the fused loop and by the tensor code, over
+    batches of several images and one, with ignored pixels and tied logits."""
+    from segreward.calibrate.stream import ThresholdHistogram
+    g = torch.Generator().manual_seed(classes)
+    z = (torch.randn(3, classes, 30, 41, generator=g) * 2).to(dtype)
+    z[:, :, :3] = z[:, :, :3].round()
+    y = torch.randint(0, classes, (3, 30, 41), generator=g)
+    y[:, :2] = 255
+    b = torch.randn(classes, generator=g, dtype=torch.float64) * 0.3
+
+    def one_pass():
+        h = ThresholdHistogram(b, 64, 2.0)
+        h.update(z, y)
+        h.update(z[:1], y[:1])
+        return h.hist.clone(), h.confusion.clone()
+
+    fused = one_pass()
+    monkeypatch.setattr(_kernels, "available", lambda: False)
+    plain = one_pass()
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    assert int(fused[1].sum()) == int((y != 255).sum()) * 4 // 3  # every labelled pixel once (3 + 1 images)

@@ -139,3 +139,36 @@ def top2(zc, b, v1, i1, v2, i2):
     for r in range(zc.shape[1]):
         a, ia, c2, ic = _row_top2(zc, b, r)
         v1[r], i1[r], v2[r], i2[r] = a, ia, c2, ic
+
+
+@_jit
+def stream_pass(zc, t, b, bins, span, width, hist, confusion):
+    """One streaming pass over pixels ``zc [C, P]`` with labels ``t [P]`` (``C``: ignored) at
+    offsets ``b``: adds to ``confusion [C * C]`` (label x argmax) and to ``hist [C * (bins + 2) *
+    C * 3]`` each (class, pixel) pair's threshold bin with its best other class and state
+    (``stream._pass_counts``: the same float64 sums, thresholds and bins)."""
+    c = zc.shape[0]
+    nb = bins + 2
+    s = np.empty(c, dtype=np.float64)
+    for r in range(zc.shape[1]):
+        lab = t[r]
+        if lab == c:
+            continue
+        v1, i1, v2, i2 = _row_top2(zc, b, r)
+        confusion[lab * c + i1] += 1
+        for k in range(c):
+            s[k] = np.float64(zc[k, r]) + b[k]
+        code1 = i1 * 3 + (1 if lab == i1 else 0)
+        code2 = i2 * 3 + (1 if lab == i2 else 0)
+        d21 = v2 - v1
+        for k in range(c):
+            first = i1 == k
+            m = 1.0 if first else 0.0
+            tau = ((v1 - s[k]) + m * d21) + b[k]
+            x = np.floor((tau - (b[k] - span)) / width) + 1.0
+            if x < 0.0:
+                x = 0.0
+            elif x > bins + 1:
+                x = bins + 1
+            code = (code2 if first else code1) + (2 if lab == k else 0)
+            hist[((k * nb + np.int64(x)) * c) * 3 + code] += 1
