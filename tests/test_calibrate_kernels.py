@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from segreward.calibrate import _kernels
-from segreward.calibrate.exact import fit_offsets, fit_pixels, pixel_set, set_confusion
+from segreward.calibrate.exact import fit_pixels, pixel_set, set_confusion
+from segreward.calibrate.fit import fit_offsets
 from segreward.calibrate.search import check_count_form
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba not installed")

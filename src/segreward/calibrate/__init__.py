@@ -5,7 +5,8 @@ dataset-level count reward (``miou``, ``weighted_miou``, ``dice``, ``pixel_accur
 sums) of a labelled set, then folded into the model's last bias so inference needs nothing new.
 """
 
-from segreward.calibrate.exact import Calibration, PixelSet, fit_offsets, pixel_set
+from segreward.calibrate.exact import Calibration, PixelSet, pixel_set
+from segreward.calibrate.fit import fit_offsets
 from segreward.calibrate.stream import fit_offsets_streaming
 
 __all__ = ["Calibration", "PixelSet", "fit_offsets", "fit_offsets_streaming", "pixel_set"]

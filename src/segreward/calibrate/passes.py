@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from segreward.calibrate.exact import Calibration, PixelSet, fit_offsets, flatten_labelled
+from segreward.calibrate.exact import Calibration, PixelSet, flatten_labelled
+from segreward.calibrate.fit import fit_offsets
 from segreward.calibrate.stream import fit_offsets_streaming
 from segreward.errors import SegrewardError
 
