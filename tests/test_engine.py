@@ -72,7 +72,7 @@ def test_pretrain_then_tune_changes_parameters_and_logs_mmengine_format(tmp_path
     assert (tmp_path / "pre" / "config.yaml").exists()
 
     cfg = tiny_config(tmp_path / "tune", stage="tune", **{"model.checkpoint": str(tmp_path / "pre" / "model.safetensors"),
-                                                           "loss": {"k": 3, "ce_weight": 0.1}})
+                                                           "loss": {"estimator": "sample", "k": 3, "ce_weight": 0.1}})
     train(config_from_dict(cfg))
     tuned = weights(tmp_path / "tune" / "model.safetensors")
     assert any(not torch.equal(trained[k], tuned[k]) for k in trained)

@@ -271,7 +271,7 @@ def test_custom_reward_callable_needs_no_registration():
     (dict(reward="iou"), "valid: dice, miou, pixel_accuracy, weighted_miou"),
     (dict(sampler="gumbel"), "valid: categorical, coherent"),
     (dict(baseline="median"), "valid: loo, greedy, mean, ema, none"),
-    (dict(baseline="loo", k=1), "k >= 2"),
+    (dict(estimator="sample", baseline="loo", k=1), "k >= 2"),
     (dict(reward="weighted_miou"), "class_weights"),
 ])
 def test_bad_options_are_clear(kwargs, match):
@@ -298,10 +298,10 @@ def test_bad_inputs_are_clear():
 # Per step: (loss, sum |grad|, grad . probe, diagnostics); then the state dict's sums
 # (NaN counted as -1: the local estimator never sets the EMA).
 GOLDEN_CASES = {
-    "sample_loo_ce": dict(k=4, ce_weight=0.5),
-    "sample_greedy_batch": dict(k=3, baseline="greedy", scope="batch"),
-    "sample_ema_running": dict(k=2, baseline="ema", scope="running", momentum=0.5),
-    "local_image": dict(estimator="local"),
+    "sample_loo_ce": dict(estimator="sample", k=4, ce_weight=0.5),
+    "sample_greedy_batch": dict(estimator="sample", k=3, baseline="greedy", scope="batch"),
+    "sample_ema_running": dict(estimator="sample", k=2, baseline="ema", scope="running", momentum=0.5),
+    "local_image": dict(estimator="local", scope="image"),
     "local_running_ce": dict(estimator="local", scope="running", k=2, momentum=0.5, ce_weight=0.5),
 }
 GOLDEN = {
@@ -360,3 +360,27 @@ def test_running_scope_rewards_batch_plus_earlier_counts_only(estimator):
         loss_fn(logits, target)
         d = loss_fn.diagnostics
         assert d["reward_mean"] == pytest.approx(d["greedy_reward"], abs=1e-6)
+
+
+def test_defaults_follow_the_measurements():
+    """Count rewards default to the exact credit of the batch's reward (the best reward-tuning
+    variant of results/verdict_camvid_*.md); a callable or a coupled sampler to sampled REINFORCE
+    per image; explicit settings win."""
+    assert (ReinforceLoss(5).estimator, ReinforceLoss(5).scope, ReinforceLoss(5).k) == ("local", "batch", 1)
+    assert (ReinforceLoss(5, reward="dice").estimator, ReinforceLoss(5, reward={"miou": 1, "dice": 1}).estimator) == \
+        ("local", "local")
+
+    def my_reward(pred, target):
+        return (pred == target).float().flatten(1).mean(1)
+    custom = ReinforceLoss(5, reward=my_reward)
+    assert (custom.estimator, custom.scope, custom.k) == ("sample", "image", 4)
+    coherent = ReinforceLoss(5, sampler="coherent")
+    assert (coherent.estimator, coherent.scope) == ("sample", "image")
+    assert ReinforceLoss(5, estimator="sample").scope == "image"
+    assert ReinforceLoss(5, scope="running").estimator == "local"
+    from segreward.engine.builders import build_loss
+    from segreward.engine.config import config_from_dict
+    cfg = config_from_dict({"name": "x", "stage": "tune", "loss": {"type": "reinforce"},
+                            "data": {"train": {"type": "synthetic", "n": 2}}})
+    loss, _ = build_loss(cfg, 5, 255)
+    assert (loss.estimator, loss.scope) == ("local", "batch")

@@ -66,9 +66,11 @@ class LossConfig:
     type: str | None = field(default=None, metadata={"help": "ce | lovasz | reinforce | reward_weighted_ce (default: "
                                                               "ce for stage pretrain, reinforce for tune)"})
     reward: Any = field(default="miou", metadata={"help": "reward name or {name: weight}"})
-    estimator: str = field(default="sample", metadata={"help": "sample (REINFORCE on whole samples) | local (exact "
-                                                                "per-pixel credit; count-based rewards)"})
-    scope: str = field(default="image", metadata={"help": "what one reward is computed over: image | batch | running"})
+    estimator: str | None = field(default=None, metadata={"help": "sample (REINFORCE on whole samples) | local (exact "
+                                                                       "per-pixel credit; count-based rewards); default: "
+                                                                       "local for a count reward, else sample"})
+    scope: str | None = field(default=None, metadata={"help": "what one reward is computed over: image | batch | "
+                                                               "running; default: batch for local, image for sample"})
     momentum: float = field(default=0.9, metadata={"help": "scope running: discount of earlier batches' counts"})
     sampler: str = "categorical"
     k: int | None = field(default=None, metadata={"help": "samples per image (default: 4 for sample, 1 for local)"})
@@ -86,8 +88,10 @@ class LossConfig:
     def __post_init__(self):
         if self.type is not None:
             _choice("loss.type", self.type, LOSS_TYPES)
-        _choice("loss.estimator", self.estimator, ("sample", "local"))
-        _choice("loss.scope", self.scope, ("image", "batch", "running"))
+        if self.estimator is not None:
+            _choice("loss.estimator", self.estimator, ("sample", "local"))
+        if self.scope is not None:
+            _choice("loss.scope", self.scope, ("image", "batch", "running"))
         _unit("loss.momentum", self.momentum)
         if self.k is not None:
             _positive("loss.k", self.k)

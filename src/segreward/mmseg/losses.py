@@ -108,8 +108,8 @@ class ReinforceLoss(_MMSegLoss, _core.ReinforceLoss):
     def __init__(self, num_classes: int, reward="miou", sampler="categorical", k: int | None = None,
                  baseline: str = "loo", temperature: float = 1.0, normalize: bool = False, ce_weight: float = 0.0,
                  ignore_index: int = 255, class_weight=None, ema_momentum: float = 0.9, block: int = 16,
-                 fraction: float = 0.05, reward_kwargs: dict | None = None, estimator: str = "sample",
-                 scope: str = "image", momentum: float = 0.9, sync: bool = True, loss_weight: float = 1.0,
+                 fraction: float = 0.05, reward_kwargs: dict | None = None, estimator: str | None = None,
+                 scope: str | None = None, momentum: float = 0.9, sync: bool = True, loss_weight: float = 1.0,
                  loss_name: str = "loss_reinforce", log_prefix: str | None = None):
         _core.ReinforceLoss.__init__(self, num_classes, reward=reward, sampler=sampler, k=k, baseline=baseline,
                                      temperature=temperature, normalize=normalize, ce_weight=ce_weight,
