@@ -17,6 +17,15 @@ __all__ = ["available", "credit_and_weighted"]
 
 
 @jit
+def _add_into(dst, src):
+    """``dst += src`` for ``[C, Q]`` planes, row by row (the tensor code's ``add_``)."""
+    for c in range(dst.shape[0]):
+        row, add = dst[c], src[c]
+        for q in range(dst.shape[1]):
+            row[q] = row[q] + add[q]
+
+
+@jit
 def credit_and_weighted(p, samples, target, valid, group, tables, den, wpart, multi, consts, credit, weighted):
     """``p [B, C, Q]``; ``samples [K, B, Q]``; ``target [B, Q]`` (a class where ignored);
     ``valid [B, Q]``; ``group [B]``; ``tables [K, P, 8, G, C]``: per sample and reward part the
@@ -71,17 +80,11 @@ def credit_and_weighted(p, samples, target, valid, group, tables, den, wpart, mu
                         for q in range(q_n):
                             row[q] = row[q] * w
                 if pi > 0:
-                    for c in range(c_n):
-                        row, add = cur[c], part_buf[c]
-                        for q in range(q_n):
-                            row[q] = row[q] + add[q]
+                    _add_into(cur, part_buf)
             for q in range(q_n):
                 cur[samples[j, b, q], q] = zero
             if j > 0:
-                for c in range(c_n):
-                    row, add = out[c], cur_buf[c]
-                    for q in range(q_n):
-                        row[q] = row[q] + add[q]
+                _add_into(out, cur_buf)
         for c in range(c_n):
             row, pr, wr = out[c], p[b, c], weighted[b, c]
             if k_n > 1:
