@@ -94,3 +94,11 @@ def test_fused_draws_equal_tensor_draws(monkeypatch, classes, dtype, k):
     plain = draw_from_probs(p, k, torch.Generator().manual_seed(3), with_argmax=True)
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     assert fused[0].dtype == torch.long and fused[0].shape == (k, 3, 9, 13)
+
+
+def test_draws_accept_probabilities_that_carry_a_gradient():
+    """draw_from_probs is public and runs without autograd (its decorator), fused or not."""
+    from segreward.sampling import draw_from_probs
+    p = torch.softmax(torch.randn(2, 5, 6, 7, requires_grad=True), 1)
+    samples, argmax = draw_from_probs(p, 3, torch.Generator().manual_seed(0), with_argmax=True)
+    assert samples.shape == (3, 2, 6, 7) and not samples.requires_grad and torch.equal(argmax, p.argmax(1))

@@ -81,12 +81,6 @@ def _draw(logp: torch.Tensor, k: int, generator: torch.Generator | None) -> torc
 
 
 @torch.no_grad()
-def _zero(dtype: torch.dtype):
-    """0 in the numpy type of ``dtype`` (the loop's running sum starts there, as the tensor code's)."""
-    import numpy as np
-    return np.float32(0) if dtype == torch.float32 else np.float64(0)
-
-
 def draw_from_probs(p: torch.Tensor, k: int, generator: torch.Generator | None = None,
                     with_argmax: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inverse-CDF draws ``[K, B, H, W]`` from probabilities ``p`` ``[B, C, H, W]``, and (optionally)
@@ -106,8 +100,9 @@ def draw_from_probs(p: torch.Tensor, k: int, generator: torch.Generator | None =
         idx = torch.empty(k, b, h, w, dtype=torch.long)
         arg = torch.empty(b, h, w, dtype=torch.long) if with_argmax else torch.empty(1, 1, dtype=torch.long)
         pc = p.contiguous()
+        zero = pc.new_zeros(1).numpy()[0]  # the running sum starts at 0 in p's dtype, as the tensor code's
         _draw_kernel.draw(pc.view(b, c, h * w).numpy(), u.view(k, b, h * w).numpy(),
-                          _zero(pc.dtype), idx.view(k, b, h * w).numpy(),
+                          zero, idx.view(k, b, h * w).numpy(),
                           arg.view(b, -1).numpy() if with_argmax else arg.numpy(), with_argmax)
         return idx, (arg if with_argmax else None)
     small = torch.uint8 if c <= 256 else torch.int32  # fewer bytes per pass; widened once at the end
