@@ -8,18 +8,19 @@ import sys
 import pytest
 import torch
 
+from segreward import _numba
 from segreward.calibrate import _kernels
 from segreward.calibrate.exact import fit_pixels, pixel_set, set_confusion
 from segreward.calibrate.fit import fit_offsets
 from segreward.calibrate.search import check_count_form
 
-pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba not installed")
+pytestmark = pytest.mark.skipif(not _numba.available(), reason="numba not installed")
 
 
 def both(monkeypatch, *args, **kwargs):
     """fit_offsets with the fused loops, then with the tensor code."""
     fused = fit_offsets(*args, **kwargs)
-    monkeypatch.setattr(_kernels, "available", lambda: False)
+    monkeypatch.setattr(_numba, "available", lambda: False)
     plain = fit_offsets(*args, **kwargs)
     monkeypatch.undo()
     return fused, plain
@@ -77,7 +78,7 @@ def test_before_comes_from_the_fit_and_matches_a_separate_evaluation():
 
 
 def test_switch_off_by_environment():
-    code = "from segreward.calibrate import _kernels; print(_kernels.available())"
+    code = "from segreward import _numba; print(_numba.available())"
     env = {**os.environ, "SEGREWARD_NUMBA": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -137,7 +138,7 @@ def test_fused_streaming_pass_equals_tensor_pass(monkeypatch, classes, dtype):
         return h.hist.clone(), h.confusion.clone()
 
     fused = one_pass()
-    monkeypatch.setattr(_kernels, "available", lambda: False)
+    monkeypatch.setattr(_numba, "available", lambda: False)
     plain = one_pass()
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     assert int(fused[1].sum()) == int((y != 255).sum()) * 4 // 3  # every labelled pixel once (3 + 1 images)

@@ -14,7 +14,8 @@ import contextlib
 import pytest
 import torch
 
-from segreward.calibrate import _kernels, exact
+from segreward import _numba
+from segreward.calibrate import exact
 from segreward.calibrate.fit import fit_offsets
 from segreward.calibrate.stream import ThresholdHistogram
 from segreward.credit import count_form
@@ -25,7 +26,7 @@ READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "non
 @pytest.fixture(autouse=True)
 def tensor_code(monkeypatch):
     """The tensor code (what runs on a GPU): the CPU's fused loops read host memory by design."""
-    monkeypatch.setattr(_kernels, "available", lambda: False)
+    monkeypatch.setattr(_numba, "available", lambda: False)
 
 
 @contextlib.contextmanager

@@ -5,16 +5,16 @@ dtype; the categorical draws are the same samples."""
 import pytest
 import torch
 
-from segreward import _credit_kernel
+from segreward import _numba
 from segreward.credit import count_form, credit_table
 from segreward.reinforce import ReinforceLoss, _fused_credit
 
-pytestmark = pytest.mark.skipif(not _credit_kernel.available(), reason="numba not installed")
+pytestmark = pytest.mark.skipif(not _numba.available(), reason="numba not installed")
 
 
 def step(monkeypatch, fused, z, y, **kw):
     if not fused:
-        monkeypatch.setattr(_credit_kernel, "available", lambda: False)
+        monkeypatch.setattr(_numba, "available", lambda: False)
     loss = ReinforceLoss(z.shape[1], estimator="local", **kw)
     torch.manual_seed(7)
     zz = z.clone().requires_grad_()
@@ -83,14 +83,13 @@ def test_credit_matches_the_table_it_fuses():
 def test_fused_draws_equal_tensor_draws(monkeypatch, classes, dtype, k):
     """draw_from_probs's loop (numba) against its tensor code: the same samples and argmax,
     also with tied logits (equal probabilities) and more than 255 classes' worth of counts."""
-    from segreward import _draw_kernel
     from segreward.sampling import draw_from_probs
     g = torch.Generator().manual_seed(classes)
     z = torch.randn(3, classes, 9, 13, generator=g) * 3
     z[:, :, :2] = z[:, :, :2].round()
     p = torch.softmax(z.to(dtype), 1)
     fused = draw_from_probs(p, k, torch.Generator().manual_seed(3), with_argmax=True)
-    monkeypatch.setattr(_draw_kernel, "available", lambda: False)
+    monkeypatch.setattr(_numba, "available", lambda: False)
     plain = draw_from_probs(p, k, torch.Generator().manual_seed(3), with_argmax=True)
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     assert fused[0].dtype == torch.long and fused[0].shape == (k, 3, 9, 13)

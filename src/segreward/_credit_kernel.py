@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from segreward._numba import available, jit
+from segreward._numba import jit
 
-__all__ = ["available", "credit_and_weighted"]
+__all__ = ["credit_and_weighted"]
 
 
 @jit

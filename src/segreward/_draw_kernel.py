@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from segreward._numba import available, jit
+from segreward._numba import jit
 
-__all__ = ["available", "draw"]
+__all__ = ["draw"]
 
 
 @jit

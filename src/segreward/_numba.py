@@ -12,12 +12,20 @@ try:
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
-__all__ = ["available", "jit"]
+import torch
+
+__all__ = ["available", "usable", "jit"]
 
 
 def available() -> bool:
     """Whether the fused loops can be used (numba installed and not turned off)."""
     return numba is not None and os.environ.get("SEGREWARD_NUMBA", "1").strip().lower() not in ("0", "false", "no")
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the fused loops take ``t``: numba available (:func:`available`), a CPU tensor, float32
+    or float64. The one test every call site makes; anything else takes the tensor code."""
+    return available() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
 def jit(fn):

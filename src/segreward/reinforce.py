@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segreward import _credit_kernel
+from segreward import _credit_kernel, _numba
 from segreward.credit import SCOPES, count_form, credit_table, credit_tables, reward_from_counts
 from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import check_labels, sample_confusion
@@ -187,7 +187,7 @@ def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor
     group = torch.arange(bsz, device=z.device) if g == bsz else torch.zeros(bsz, dtype=torch.long, device=z.device)
     with torch.no_grad():
         p = F.softmax(z, dim=1) if probs is None else probs
-        if _credit_kernel.available() and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+        if _numba.usable(p):
             credit, weighted = _fused_credit(form, p, samples, target, group_counts, group, ignore_index)
         else:
             credit = credit_table(form, samples[0], target, group_counts[0], group, ignore_index, p.dtype)

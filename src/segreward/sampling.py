@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segreward import _draw_kernel
+from segreward import _draw_kernel, _numba
 from segreward.errors import SegrewardError
 
 __all__ = ["CategoricalSampler", "CoherentSampler", "LocalSampler", "draw_from_probs", "get_sampler", "SAMPLERS"]
@@ -95,7 +95,7 @@ def draw_from_probs(p: torch.Tensor, k: int, generator: torch.Generator | None =
     b, c, h, w = p.shape
     # [K, B, H, W], contiguous: a comparison with the permuted view is ~3x slower on a CPU.
     u = torch.rand(b, h, w, k, device=p.device, generator=generator).permute(3, 0, 1, 2).contiguous()
-    if _draw_kernel.available() and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+    if _numba.usable(p):
         # One loop over the pixels (numba): the same sums and comparisons, so the same samples.
         idx = torch.empty(k, b, h, w, dtype=torch.long)
         arg = torch.empty(b, h, w, dtype=torch.long) if with_argmax else torch.empty(1, 1, dtype=torch.long)

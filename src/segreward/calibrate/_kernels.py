@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from segreward._numba import available, jit as _jit
+from segreward._numba import jit as _jit
 
-__all__ = ["available", "prefix", "bins", "select", "rise", "fall", "top2"]
+__all__ = ["prefix", "bins", "select", "rise", "fall", "top2"]
 
 
 @_jit

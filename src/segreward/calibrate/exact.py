@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from segreward import _numba
 from segreward.calibrate import _kernels
 from segreward.calibrate.search import _SMALL, SearchWork, bounded_search, check_count_form, line_search_full
 from segreward.credit import CountReward, reward_from_counts
@@ -254,10 +255,8 @@ class _Top2:
     def __init__(self, zc: torch.Tensor, b: torch.Tensor, fused: bool = False):
         self.zc, self.b = zc, b.to(device=zc.device, dtype=torch.float64)
         m, dev = zc.shape[1], zc.device
-        # fused: the per-pixel loops by numba (CPU tensors; the same numbers, see _kernels)
-        self.fused = fused and dev.type == "cpu"
+        self.fused = fused  # the per-pixel loops by numba (the caller checked _numba.usable; see _kernels)
         if self.fused:
-            from segreward.calibrate import _kernels
             self.v1, self.v2 = (torch.empty(m, dtype=torch.float64) for _ in range(2))
             self.i1, self.i2 = (torch.empty(m, dtype=torch.int32) for _ in range(2))
             _kernels.top2(zc.numpy(), self.b.numpy(), self.v1.numpy(), self.i1.numpy(), self.v2.numpy(),
@@ -308,7 +307,6 @@ class _Top2:
     def prefix(self, k: int, t32: torch.Tensor, tau: torch.Tensor, code: torch.Tensor):
         """Fused: :meth:`without`, the thresholds ``tau`` and the codes of class ``k``'s step in
         one loop; ``(first, src, best_other, (min tau, max tau))``."""
-        from segreward.calibrate import _kernels
         rng = _kernels.prefix(self.i1.numpy(), self.i2.numpy(), self.v1.numpy(), self.v2.numpy(),
                               self.zc[k].numpy(), t32.numpy(), k, self.first.numpy(), self.src.numpy(),
                               self.best_other.numpy(), tau.numpy(), code.numpy())
@@ -321,7 +319,6 @@ class _Top2:
         rising = value > old
         self.b[k] = value
         if self.fused:
-            from segreward.calibrate import _kernels
             arrays = [a.numpy() for a in (self.v1, self.i1, self.v2, self.i2)]
             if rising:
                 _kernels.rise(self.zc[k].numpy(), value, k, best_other.numpy(), src.numpy(), *arrays)
@@ -329,7 +326,7 @@ class _Top2:
                 _kernels.fall(self.zc.numpy(), self.b.numpy(), value, k, first.numpy(), best_other.numpy(),
                               src.numpy(), *arrays)
             return
-        x = self.x.copy_(self.zc[k]).add_(value)  # the same float64 sum as score(k)
+        x = self.score(k)
         # k is the new best: x > best_other, or equal and k the lower class id
         wins = torch.gt(x, best_other, out=self.m1)
         tie = torch.eq(x, best_other, out=self.m2).logical_and_(torch.gt(src, k, out=self.m3))
@@ -374,15 +371,17 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
         return b - b.mean(), [set_reward(form, pixels, b)], True
     zc = pixels.class_major()
     small = t.numel() <= _SMALL
-    fused = not small and _kernels.available() and zc.device.type == "cpu"
+    fused = not small and _numba.usable(zc)
     if fused:
         zc = zc.contiguous()
     top = _Top2(zc, b, fused=fused)
     t32 = t.to(torch.int32)
-    t2 = torch.zeros(c, t.numel(), dtype=torch.int8, device=t.device).scatter_(0, t.view(1, -1), 2)  # 2 at the label
-    # The step's [M] arrays, allocated once (see _Top2): thresholds, codes, and bounded_search's.
-    tau_buf = torch.empty(t.numel(), dtype=torch.float64, device=t.device)
-    code_buf, same = torch.empty_like(t32), torch.empty(t.numel(), dtype=torch.bool, device=t.device)
+    # The step's [M] arrays, allocated once (see _Top2): thresholds, codes, and bounded_search's;
+    # the tensor code's codes also need 2 at each pixel's label ([C, M] int8) and a mask.
+    tau_buf, code_buf = torch.empty(t.numel(), dtype=torch.float64, device=t.device), torch.empty_like(t32)
+    if not (fused or small):
+        t2 = torch.zeros(c, t.numel(), dtype=torch.int8, device=t.device).scatter_(0, t.view(1, -1), 2)
+        same = torch.empty(t.numel(), dtype=torch.bool, device=t.device)
     work = SearchWork(t.numel(), t.device, fused=fused)
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
@@ -395,24 +394,20 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
         for k in range(c):
             if unchanged >= c:
                 break
-            if fused:  # one loop for all of the below, then the search's own two
+            if fused:  # one loop for without(k), the thresholds and codes; then the search's own two
                 first, src, best_other, rng = top.prefix(k, t32, tau_buf, code_buf)
                 x, r = bounded_search(form, tau_buf, code_buf, k, label_area, offsets[k], reward_now, bound, tol,
                                       work=work, t_range=rng)
-                if x != offsets[k]:
-                    top.set(k, offsets[k], x, first, src, best_other)
-                    offsets[k], reward_now, unchanged = x, r, 0
-                else:
-                    unchanged += 1
-                continue
-            first, src, best_other = top.without(k)
-            tau = torch.sub(best_other, zc[k], out=tau_buf)
-            if small:
-                step = line_search_full(form, tau, src, t, k, label_area, offsets[k], reward_now, bound, tol)
-                x, r = step.offset, step.reward
-            else:  # src_state's codes: 3 * src + (label is src) + 2 (label is k)
-                code = torch.mul(src, 3, out=code_buf).add_(torch.eq(t32, src, out=same)).add_(t2[k])
-                x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol, work=work)
+            else:
+                first, src, best_other = top.without(k)
+                tau = torch.sub(best_other, zc[k], out=tau_buf)
+                if small:
+                    step = line_search_full(form, tau, src, t, k, label_area, offsets[k], reward_now, bound, tol)
+                    x, r = step.offset, step.reward
+                else:  # src_state's codes: 3 * src + (label is src) + 2 (label is k)
+                    code = torch.mul(src, 3, out=code_buf).add_(torch.eq(t32, src, out=same)).add_(t2[k])
+                    x, r = bounded_search(form, tau, code, k, label_area, offsets[k], reward_now, bound, tol,
+                                          work=work)
             if x != offsets[k]:
                 top.set(k, offsets[k], x, first, src, best_other)
                 offsets[k], reward_now, unchanged = x, r, 0

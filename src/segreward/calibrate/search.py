@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from segreward.calibrate import _kernels
 from segreward.credit import CountReward, reward_from_counts
 from segreward.errors import SegrewardError
 
@@ -262,21 +263,22 @@ class SearchWork:
     ``m`` pixels (a fresh multi-megabyte tensor per step costs page faults, see ``_Top2``)."""
 
     def __init__(self, m: int, device=None, fused: bool = False):
-        self.scaled = torch.empty(m, dtype=torch.float64, device=device)
+        # fused: the binning pass and the selection by numba loops (CPU; see _kernels), which need
+        # no scaled thresholds and no per-pixel flags
+        self.fused = fused
         self.idx = torch.empty(m, dtype=torch.long, device=device)
         self.key = torch.empty(m, dtype=torch.long, device=device)
-        self.flag = torch.empty(m, dtype=torch.uint8, device=device)
-        # fused: the binning pass and the selection by numba loops (CPU; see _kernels)
-        self.fused = fused and torch.device(device or "cpu").type == "cpu"
+        if not self.fused:
+            self.scaled = torch.empty(m, dtype=torch.float64, device=device)
+            self.flag = torch.empty(m, dtype=torch.uint8, device=device)
         self._per_bins: dict = {}
 
     def take(self, m: int):
-        """``(scaled, idx, key, flag)`` for ``m`` pixels."""
+        """``(scaled, idx, key, flag)`` for ``m`` pixels (the tensor code's)."""
         return self.scaled[:m], self.idx[:m], self.key[:m], self.flag[:m]
 
     def fused_bins(self, tau, code, t_lo: float, width: float, nb: int, num_classes: int):
         """:func:`_kernels.bins` into buffers: ``(idx [M], hist [nb * C * 3], t_max [nb], t_min [nb])``."""
-        from segreward.calibrate import _kernels
         key = (nb, num_classes)
         if key not in self._per_bins:
             self._per_bins[key] = (torch.empty(nb * num_classes * 3, dtype=torch.long),
@@ -289,7 +291,6 @@ class SearchWork:
 
     def fused_select(self, idx, flag) -> torch.Tensor:
         """The pixels whose bin is flagged (pixel order), by :func:`_kernels.select`."""
-        from segreward.calibrate import _kernels
         out = self.key[:idx.numel()]
         n = _kernels.select(idx.numpy(), flag.numpy(), out.numpy())
         return out[:n]
@@ -325,12 +326,12 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
         lo, hi, reward = reward_curve(form, tau, src, target, c, label_area, eps=eps)
         return _best_interval(reward, lo, hi, current, current_reward, bound, tol, eps)
     work = work or SearchWork(m, dev)
-    scaled, idx, key, flag_of = work.take(m)
     inf = float("inf")
     # (tau - t_lo) / width >= 0: truncation (the float -> int copy) is the floor.
     if work.fused:  # one loop: bins, histogram, each bin's extreme thresholds (the same numbers)
         idx, h, t_max, t_min = work.fused_bins(tau, code, t_lo, (t_hi - t_lo) / nb, nb, num_classes)
     else:
+        scaled, idx, key, flag_of = work.take(m)
         idx.copy_(torch.sub(tau, t_lo, out=scaled).div_((t_hi - t_lo) / nb)).clamp_(max=nb - 1)
         h = count(torch.mul(idx, 3 * num_classes, out=key).add_(code), nb * num_classes * 3)
         t_max = torch.full((nb,), -inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amax")

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from segreward import _numba
 from segreward.calibrate import _kernels
 from segreward.calibrate.exact import Calibration, _Top2, check_settings, check_offsets, checked_batch
 from segreward.calibrate.search import check_count_form, count
@@ -96,7 +97,7 @@ class ThresholdHistogram:
         for i in range(0, n, group):
             z = logits[i:i + group].transpose(0, 1).reshape(c, -1)
             t = t_all[i * hw:(i + group) * hw]
-            if _kernels.available() and dev.type == "cpu" and z.dtype in (torch.float32, torch.float64) and c > 1:
+            if _numba.usable(z) and c > 1:
                 # one loop over the pixels (numba): the same sums, thresholds and bins
                 _kernels.stream_pass(z.numpy(), t.numpy(), b.numpy(), self.bins, self.span, self.width,
                                      hist.numpy(), confusion.numpy())
