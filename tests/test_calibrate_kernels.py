@@ -84,38 +84,121 @@ def test_switch_off_by_environment():
     assert out.stdout.strip() == "False"
 
 
-def test_prefix_and_bins_match_their_tensor_definitions():
-    """The two loops of a step against the tensor expressions they fuse."""
-    g = torch.Generator().manual_seed(5)
-    m, c, k, nb = 5000, 6, 2, 40
+def _top2_state(seed, m=5000, c=6):
+    g = torch.Generator().manual_seed(seed)
     zc = torch.randn(c, m, generator=g)
+    zc[:, ::7] = (zc[:, ::7] * 2).round() / 2  # tied scores
     b = torch.randn(c, dtype=torch.float64, generator=g)
+    v1, i1, v2, i2 = _full_top2(zc, b)
+    t = torch.randint(0, c, (m,), generator=g, dtype=torch.int32)
+    return zc, b, v1, i1, v2, i2, t
+
+
+def _full_top2(zc, b):
     s = zc.double() + b.unsqueeze(1)
     v1, i1 = s.max(0)
-    s2 = s.scatter(0, i1.unsqueeze(0), -float("inf"))
-    v2, i2 = s2.max(0)
-    i1, i2 = i1.int(), i2.int()
-    t = torch.randint(0, c, (m,), generator=g, dtype=torch.int32)
-    first = torch.empty(m, dtype=torch.bool)
-    src, code = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.int32)
-    bo, tau = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+    v2, i2 = s.scatter(0, i1.unsqueeze(0), -float("inf")).max(0)
+    return v1, i1.int(), v2, i2.int()
+
+
+def test_prefix_and_bins_match_their_tensor_definitions():
+    """The per-pixel loops of a step against the tensor expressions they fuse: thresholds and
+    codes, bins, histogram, extremes per bin, and the counts at every bin edge."""
+    zc, b, v1, i1, v2, i2, t = _top2_state(5)
+    m, c, k, nb = zc.shape[1], zc.shape[0], 2, 40
+    code, tau = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.float64)
     lo, hi = _kernels.prefix(i1.numpy(), i2.numpy(), v1.numpy(), v2.numpy(), zc[k].numpy(), t.numpy(), k,
-                             first.numpy(), src.numpy(), bo.numpy(), tau.numpy(), code.numpy())
-    assert torch.equal(first, i1 == k) and torch.equal(src, torch.where(i1 == k, i2, i1))
+                             tau.numpy(), code.numpy())
+    src = torch.where(i1 == k, i2, i1)
     assert torch.equal(tau, torch.where(i1 == k, v2, v1) - zc[k])
     assert torch.equal(code, src * 3 + (t == src).int() + 2 * (t == k).int())
     assert (lo, hi) == (float(tau.min()), float(tau.max()))
-    idx = torch.empty(m, dtype=torch.long)
-    hist = torch.empty(nb * c * 3, dtype=torch.long)
+    idx = torch.empty(m, dtype=torch.int16)
+    hist = torch.empty(nb * c * 3, dtype=torch.int32)
     t_max, t_min = torch.empty(nb, dtype=torch.float64), torch.empty(nb, dtype=torch.float64)
     _kernels.bins(tau.numpy(), code.numpy(), lo, (hi - lo) / nb, nb, c, idx.numpy(), hist.numpy(), t_max.numpy(),
                   t_min.numpy())
     want = ((tau - lo) / ((hi - lo) / nb)).long().clamp(max=nb - 1)
-    assert torch.equal(idx, want)
-    assert torch.equal(hist, torch.bincount(want * 3 * c + code, minlength=nb * c * 3))
+    assert torch.equal(idx.long(), want)
+    h = torch.bincount(want * 3 * c + code, minlength=nb * c * 3)
+    assert torch.equal(hist.long(), h)
     ref_max = torch.full((nb,), -float("inf"), dtype=torch.float64).scatter_reduce(0, want, tau, "amax")
     ref_min = torch.full((nb,), float("inf"), dtype=torch.float64).scatter_reduce(0, want, tau, "amin")
     assert torch.equal(t_max, ref_max) and torch.equal(t_min, ref_min)
+    # edge e: the pixels of bins < e have moved from their source class into k
+    p_e, i_e = torch.empty(nb + 1, c, dtype=torch.float64), torch.empty(nb + 1, c, dtype=torch.float64)
+    size = torch.empty(nb, dtype=torch.long)
+    _kernels.edges(hist.numpy(), c, k, p_e.numpy(), i_e.numpy(), size.numpy())
+    assert torch.equal(size, torch.bincount(want, minlength=nb))
+    state = code % 3
+    for e in (0, 1, nb // 2, nb):
+        stay, moved = want >= e, want < e
+        p_ref = torch.bincount(src[stay].long(), minlength=c).double()
+        i_ref = torch.bincount(src[stay & (state == 1)].long(), minlength=c).double()
+        p_ref[k], i_ref[k] = float(moved.sum()), float((moved & (state == 2)).sum())
+        assert torch.equal(p_e[e], p_ref) and torch.equal(i_e[e], i_ref), e
+
+
+def test_gather_and_moves_match_a_sort_and_a_replay():
+    """The pixels of some bins in threshold order (a stable sort), and each move's counts against
+    a replay of the moves one by one."""
+    from segreward.calibrate.search import SearchWork, _move_counts, _running
+
+    zc, b, v1, i1, v2, i2, t = _top2_state(6, m=3000, c=5)
+    m, c, k, nb = zc.shape[1], zc.shape[0], 1, 30
+    code, tau = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.float64)
+    lo, hi = _kernels.prefix(i1.numpy(), i2.numpy(), v1.numpy(), v2.numpy(), zc[k].numpy(), t.numpy(), k,
+                             tau.numpy(), code.numpy())
+    work = SearchWork(m, fused=True)
+    idx, _, _, p_e, i_e, size = work.fused_bins(tau, code, lo, (hi - lo) / nb, nb, c, k)
+    bins = torch.tensor([0, 3, 4, 17, nb - 1])
+    t_s, code_s, seg, starts = work.fused_gather(idx, tau, code, bins, size, nb)
+    sel = torch.nonzero(torch.isin(idx.long(), bins)).flatten()
+    sel = sel[torch.argsort(tau[sel], stable=True)]
+    assert torch.equal(t_s, tau[sel]) and torch.equal(code_s, code[sel])
+    assert torch.equal(seg, torch.searchsorted(bins, idx[sel].long()))
+    i_b, p_b = i_e[bins], p_e[bins]
+    fused = work.fused_moves(code_s, starts, k, i_b, p_b)
+    sizes = starts[1:] - starts[:-1]
+    plain = _move_counts(t_s, code_s.long(), seg, k, c, i_b, p_b, sizes, starts[:-1])
+    for a, want in zip(fused, plain):
+        assert torch.equal(a, want.to(a.dtype))
+    # replay: each segment from its base counts, one move at a time
+    src, i_src, p_src, hit, i_c, p_c = fused
+    for g in range(bins.numel()):
+        ci, cp = i_b[g].clone(), p_b[g].clone()
+        for j in range(int(starts[g]), int(starts[g + 1])):
+            s, st = int(code_s[j]) // 3, int(code_s[j]) % 3
+            ci[s] -= float(st == 1)
+            cp[s] -= 1
+            ci[k] += float(st == 2)
+            cp[k] += 1
+            assert (int(src[j]), float(i_src[j]), float(p_src[j]), float(hit[j])) == (s, float(ci[s]), float(cp[s]),
+                                                                                       float(st == 1))
+            assert (float(i_c[j]), float(p_c[j])) == (float(ci[k]), float(cp[k]))
+    assert torch.equal(_running(torch.ones(int(starts[-1]), dtype=torch.float64), sizes, starts[:-1]),
+                       torch.cat([torch.arange(1, int(n) + 1, dtype=torch.float64) for n in sizes]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("rising", [True, False])
+def test_rise_and_fall_keep_the_top_two(seed, rising):
+    """After one offset moves up or down, the kept top two equal a full recomputation (first
+    maximum on ties), also for offsets that land exactly on a tie."""
+    zc, b, v1, i1, v2, i2, _ = _top2_state(seed)
+    k = seed % zc.shape[0]
+    for value in (b[k] + (0.7 if rising else -0.7), b[k] + (0.5 if rising else -0.5) * 2):
+        old = float(b[k])
+        if (value > old) != rising:
+            continue
+        b[k] = value
+        arrays = [a.numpy() for a in (v1, i1, v2, i2)]
+        if rising:
+            _kernels.rise(zc[k].numpy(), float(value), k, *arrays)
+        else:
+            _kernels.fall(zc.numpy(), b.numpy(), float(value), k, *arrays)
+        w1, j1, w2, j2 = _full_top2(zc, b)
+        assert torch.equal(v1, w1) and torch.equal(i1, j1) and torch.equal(v2, w2) and torch.equal(i2, j2)
 
 
 @pytest.mark.parametrize("classes", [2, 5, 11])

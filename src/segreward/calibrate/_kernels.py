@@ -19,28 +19,32 @@ import numpy as np
 
 from segreward._numba import jit as _jit
 
-__all__ = ["prefix", "bins", "select", "rise", "fall", "top2"]
+__all__ = ["prefix", "bins", "edges", "gather", "moves", "rise", "fall", "top2", "stream_pass"]
 
 
 @_jit
-def prefix(i1, i2, v1, v2, zk, t, k, first, src, best_other, tau, code):
-    """Per pixel: ``first`` (``k`` is its best class), ``src`` (its best class other than ``k``),
-    ``best_other`` (that class's score), ``tau = best_other - z_k`` and the code ``3 src + [t ==
-    src] + 2 [t == k]``. Returns ``(min tau, max tau)``."""
+def _pixel(i1, i2, v1, v2, z, lab, k):
+    """A pixel's threshold for class ``k``, ``tau = best_other - z_k`` (``best_other``: the score of
+    its best class other than ``k``, ``src``), and its code ``3 src + [t == src] + 2 [t == k]``,
+    from its top two ``(v1, i1, v2, i2)``, ``z_k`` and label. (Helpers take numbers, not arrays:
+    an array argument costs reference counting per call, about 8x the loop.)"""
+    f = i1 == k
+    s = i2 if f else i1
+    bo = v2 if f else v1
+    return bo - np.float64(z), 3 * s + (1 if lab == s else 0) + (2 if lab == k else 0)
+
+
+@_jit
+def prefix(i1, i2, v1, v2, zk, t, k, tau, code):
+    """Every pixel's threshold ``tau`` and code for class ``k`` (:func:`_pixel`). Returns
+    ``(min tau, max tau)``."""
     lo, hi = np.inf, -np.inf
     for r in range(i1.shape[0]):
-        f = i1[r] == k
-        first[r] = f
-        s = i2[r] if f else i1[r]
-        bo = v2[r] if f else v1[r]
-        src[r] = s
-        best_other[r] = bo
-        x = bo - np.float64(zk[r])
+        x, cd = _pixel(i1[r], i2[r], v1[r], v2[r], zk[r], t[r], k)
         tau[r] = x
+        code[r] = cd
         lo = min(lo, x)
         hi = max(hi, x)
-        lab = t[r]
-        code[r] = 3 * s + (1 if lab == s else 0) + (2 if lab == k else 0)
     return lo, hi
 
 
@@ -60,30 +64,116 @@ def bins(tau, code, t_lo, width, nb, num_classes, idx, hist, t_max, t_min):
             j = nb - 1
         idx[r] = j
         hist[j * stride + code[r]] += 1
-        if x > t_max[j]:
-            t_max[j] = x
-        if x < t_min[j]:
-            t_min[j] = x
+        t_max[j] = max(t_max[j], x)  # no branch: thresholds come in no order, a branch mispredicts
+        t_min[j] = min(t_min[j], x)
 
 
 @_jit
-def select(idx, flag, out):
-    """The pixels whose bin is flagged, in pixel order, written to ``out``; returns how many."""
-    n = 0
+def edges(hist, num_classes, c, p_e, i_e, size):
+    """The counts at every bin edge from :func:`bins`'s histogram: ``p_e``, ``i_e [nb + 1, C]``
+    (float64) the predicted area and intersection of each class once the pixels of bins ``< e``
+    have moved into ``c``, and ``size [nb]`` the pixels per bin (``bounded_search``'s cumulative
+    sums: integer counts, so the same numbers in any order)."""
+    nb = size.shape[0]
+    total_moved = np.zeros(num_classes, dtype=np.int64)  # per source class, every bin
+    total_lost = np.zeros(num_classes, dtype=np.int64)
+    for j in range(nb):
+        for k in range(num_classes):
+            base = (j * num_classes + k) * 3
+            total_moved[k] += hist[base] + hist[base + 1] + hist[base + 2]
+            total_lost[k] += hist[base + 1]
+    moved = np.zeros(num_classes, dtype=np.int64)  # bins < e
+    lost = np.zeros(num_classes, dtype=np.int64)
+    into, moved_all = 0, 0
+    for e in range(nb + 1):
+        for k in range(num_classes):
+            p_e[e, k] = total_moved[k] - moved[k]
+            i_e[e, k] = total_lost[k] - lost[k]
+        p_e[e, c] = moved_all  # class c holds every moved pixel
+        i_e[e, c] = into
+        if e == nb:
+            break
+        n = 0
+        for k in range(num_classes):
+            base = (e * num_classes + k) * 3
+            m = hist[base] + hist[base + 1] + hist[base + 2]
+            moved[k] += m
+            lost[k] += hist[base + 1]
+            into += hist[base + 2]
+            n += m
+        size[e] = n
+        moved_all += n
+
+
+@_jit
+def gather(idx, tau, code, seg_of_bin, starts, t_s, code_s):
+    """The pixels of the bins with ``seg_of_bin[bin] >= 0``, grouped by that segment (``starts
+    [S + 1]``: where each begins) and sorted by threshold within it (stable: pixel order on ties),
+    i.e. in the order of a stable sort by ``tau`` (bins are monotone in ``tau``): their thresholds
+    ``t_s`` and codes ``code_s``."""
+    nseg = starts.shape[0] - 1
+    pos = starts[:nseg].copy()
     for r in range(idx.shape[0]):
-        if flag[idx[r]]:
-            out[n] = r
-            n += 1
-    return n
+        g = seg_of_bin[idx[r]]
+        if g >= 0:
+            q = pos[g]
+            t_s[q] = tau[r]
+            code_s[q] = code[r]
+            pos[g] = q + 1
+    _sort_segments(starts, t_s, code_s)
 
 
 @_jit
-def rise(zk, value, k, best_other, src, v1, i1, v2, i2):
-    """``b_k`` raised to ``value``: each pixel's top two with ``x = z_k + value`` (``_Top2.set``)."""
+def _sort_segments(starts, t_s, code_s):
+    """Each segment of ``t_s`` sorted (stable), ``code_s`` along."""
+    for g in range(starts.shape[0] - 1):
+        a, b = starts[g], starts[g + 1]
+        if b - a > 1:
+            o = np.argsort(t_s[a:b], kind="mergesort")
+            t_s[a:b] = t_s[a:b][o]
+            code_s[a:b] = code_s[a:b][o]
+
+
+@_jit
+def moves(code_s, starts, c, i_base, p_base, src, i_src, p_src, hit, i_c, p_c):
+    """Each move of ``search._after_moves`` in order: segment ``g`` (``starts``) starts from the
+    counts ``i_base[g]``, ``p_base[g]`` and moves its pixels one by one from their source class
+    into ``c``. Per move: the source ``src``, its counts after the move ``i_src``, ``p_src`` (before:
+    ``+ hit``, ``+ 1``), whether it lost a hit, and class ``c``'s counts after it (integer counts
+    in float64, the tensor code's numbers)."""
+    num_classes = i_base.shape[1]
+    ci = np.empty(num_classes, dtype=np.float64)
+    cp = np.empty(num_classes, dtype=np.float64)
+    for g in range(starts.shape[0] - 1):
+        for k in range(num_classes):
+            ci[k] = i_base[g, k]
+            cp[k] = p_base[g, k]
+        for j in range(starts[g], starts[g + 1]):
+            s = code_s[j] // 3
+            state = code_s[j] - 3 * s
+            h = 1.0 if state == 1 else 0.0
+            ci[s] -= h
+            cp[s] -= 1.0
+            if state == 2:
+                ci[c] += 1.0
+            cp[c] += 1.0
+            src[j] = s
+            i_src[j] = ci[s]
+            p_src[j] = cp[s]
+            hit[j] = h
+            i_c[j] = ci[c]
+            p_c[j] = cp[c]
+
+
+@_jit
+def rise(zk, value, k, v1, i1, v2, i2):
+    """``b_k`` raised to ``value``: each pixel's top two with ``x = z_k + value`` (``_Top2.set``;
+    ``src``, ``best_other``: its best class other than ``k`` and that score, before the change)."""
     for r in range(zk.shape[0]):
         x = np.float64(zk[r]) + value
-        bo = best_other[r]
-        s = src[r]
+        f = i1[r] == k
+        s = i2[r] if f else i1[r]
+        bo = v2[r] if f else v1[r]
         wins = x > bo or (x == bo and k < s)
         second = x > v2[r] or (x == v2[r] and k < i2[r])
         if wins:
@@ -117,20 +207,31 @@ def _row_top2(zc, b, r):
 
 
 @_jit
-def fall(zc, b, value, k, first, best_other, src, v1, i1, v2, i2):
+def fall(zc, b, value, k, v1, i1, v2, i2):
     """``b_k`` lowered to ``value`` (``b`` already holds it): where ``k`` stays the best only its
-    score changes; where it was one of the two and falls below the other, the row is recomputed."""
+    score changes. Where it was one of the two and falls below the other, the best is the old best
+    of the others (``src``, ``best_other``) and the second the first maximum over every other
+    class (``k`` at its new score included): one pass over the row, the numbers of a full top two."""
     zk = zc[k]
+    nc = zc.shape[0]
     for r in range(zk.shape[0]):
         x = np.float64(zk[r]) + value
-        bo = best_other[r]
-        f = first[r]
-        wins = x > bo or (x == bo and k < src[r])
+        f = i1[r] == k
+        s = i2[r] if f else i1[r]
+        bo = v2[r] if f else v1[r]
+        wins = x > bo or (x == bo and k < s)
         if f:
             v1[r] = x
         if (f or i2[r] == k) and not wins:
-            a, ia, c2, ic = _row_top2(zc, b, r)
-            v1[r], i1[r], v2[r], i2[r] = a, ia, c2, ic
+            sec = -np.inf
+            isec = -1
+            for j in range(nc):
+                if j == s:
+                    continue
+                y = np.float64(zc[j, r]) + b[j]
+                if isec < 0 or y > sec:
+                    sec, isec = y, j
+            v1[r], i1[r], v2[r], i2[r] = bo, s, sec, isec
 
 
 @_jit

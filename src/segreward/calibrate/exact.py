@@ -263,9 +263,10 @@ class _Top2:
                           self.i2.numpy())
         else:
             self.v1, self.i1, self.v2, self.i2 = self._full(zc, self.b)
-        self.first, self.src = torch.empty(m, dtype=torch.bool, device=dev), torch.empty_like(self.i1)
-        self.best_other, self.x = torch.empty_like(self.v1), torch.empty_like(self.v1)
-        self.m1, self.m2, self.m3 = (torch.empty(m, dtype=torch.bool, device=dev) for _ in range(3))
+            # the tensor code's buffers (the fused loops need none)
+            self.first, self.src = torch.empty(m, dtype=torch.bool, device=dev), torch.empty_like(self.i1)
+            self.best_other, self.x = torch.empty_like(self.v1), torch.empty_like(self.v1)
+            self.m1, self.m2, self.m3 = (torch.empty(m, dtype=torch.bool, device=dev) for _ in range(3))
 
     @staticmethod
     def _full(zc: torch.Tensor, b: torch.Tensor | None):
@@ -304,27 +305,24 @@ class _Top2:
         """``z_k + b_k`` in float64 (into a buffer: valid until the next call)."""
         return self.x.copy_(self.zc[k]).add_(self.b[k])
 
-    def prefix(self, k: int, t32: torch.Tensor, tau: torch.Tensor, code: torch.Tensor):
-        """Fused: :meth:`without`, the thresholds ``tau`` and the codes of class ``k``'s step in
-        one loop; ``(first, src, best_other, (min tau, max tau))``."""
-        rng = _kernels.prefix(self.i1.numpy(), self.i2.numpy(), self.v1.numpy(), self.v2.numpy(),
-                              self.zc[k].numpy(), t32.numpy(), k, self.first.numpy(), self.src.numpy(),
-                              self.best_other.numpy(), tau.numpy(), code.numpy())
-        return self.first, self.src, self.best_other, rng
+    def prefix(self, k: int, t32: torch.Tensor, tau: torch.Tensor, code: torch.Tensor) -> tuple[float, float]:
+        """Fused: the thresholds ``tau`` and the codes of class ``k``'s step in one loop (what
+        :meth:`without` gives, the fused :meth:`set` finds again); ``(min tau, max tau)``."""
+        return _kernels.prefix(self.i1.numpy(), self.i2.numpy(), self.v1.numpy(), self.v2.numpy(),
+                               self.zc[k].numpy(), t32.numpy(), k, tau.numpy(), code.numpy())
 
-    def set(self, k: int, old: float, value: float, first: torch.Tensor, src: torch.Tensor,
-            best_other: torch.Tensor) -> None:
+    def set(self, k: int, old: float, value: float, first: torch.Tensor | None = None,
+            src: torch.Tensor | None = None, best_other: torch.Tensor | None = None) -> None:
         """``b_k``: ``old -> value`` (host floats: no read from the device); ``(first, src,
-        best_other)`` as :meth:`without` gave them before."""
+        best_other)`` as :meth:`without` gave them before (the fused loops find them again)."""
         rising = value > old
         self.b[k] = value
         if self.fused:
             arrays = [a.numpy() for a in (self.v1, self.i1, self.v2, self.i2)]
             if rising:
-                _kernels.rise(self.zc[k].numpy(), value, k, best_other.numpy(), src.numpy(), *arrays)
+                _kernels.rise(self.zc[k].numpy(), value, k, *arrays)
             else:
-                _kernels.fall(self.zc.numpy(), self.b.numpy(), value, k, first.numpy(), best_other.numpy(),
-                              src.numpy(), *arrays)
+                _kernels.fall(self.zc.numpy(), self.b.numpy(), value, k, *arrays)
             return
         x = self.score(k)
         # k is the new best: x > best_other, or equal and k the lower class id
@@ -394,8 +392,9 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
         for k in range(c):
             if unchanged >= c:
                 break
-            if fused:  # one loop for without(k), the thresholds and codes; then the search's own two
-                first, src, best_other, rng = top.prefix(k, t32, tau_buf, code_buf)
+            if fused:  # one loop for the thresholds and codes, then the search's own
+                first = src = best_other = None
+                rng = top.prefix(k, t32, tau_buf, code_buf)
                 x, r = bounded_search(form, tau_buf, code_buf, k, label_area, offsets[k], reward_now, bound, tol,
                                       work=work, t_range=rng)
             else:

@@ -128,18 +128,18 @@ def _best_interval(reward: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cur
     return x_f, r_f
 
 
-def _after_moves(form: CountReward, tau_s: torch.Tensor, code_s: torch.Tensor, seg: torch.Tensor, c: int,
-                 lab: torch.Tensor, i_base: torch.Tensor, p_base: torch.Tensor) -> torch.Tensor:
-    """The reward after each move ``[n]``, for pixels in segments that each start from their own
-    counts: pixels sorted by ``(seg, tau)``; segment ``g`` starts from ``(i_base[g], p_base[g])``
-    (``[S, C]`` float64) and its pixels move into ``c`` in threshold order.
+def _move_counts(tau_s: torch.Tensor, code_s: torch.Tensor, seg: torch.Tensor, c: int, num_classes: int,
+                 i_base: torch.Tensor, p_base: torch.Tensor, seg_sizes: torch.Tensor, seg_starts: torch.Tensor):
+    """Each move's counts, in move order (see :func:`_after_moves`): its source class ``src``, the
+    source's intersection and predicted area after the move (``i_src``, ``p_src``; before it:
+    ``+ hit`` and ``+ 1``), ``hit`` (it lost a hit), and class ``c``'s counts after it (``i_c``,
+    ``p_c``), all float64 but ``src``.
 
-    The ``r``-th move out of class ``k`` within a segment takes it from
-    ``(I_k - h + hit, P_k - r + 1)`` to ``(I_k - h, P_k - r)``, ``h`` the hits among those ``r``
-    moves: ranks per (segment, source class) from one stable sort, running sums per segment.
-    """
-    n, num_classes, dev = tau_s.numel(), lab.numel(), tau_s.device
-    nseg = i_base.shape[0]
+    The ``r``-th move out of class ``k`` within a segment takes it from ``(I_k - h + hit, P_k - r +
+    1)`` to ``(I_k - h, P_k - r)``, ``h`` the hits among those ``r`` moves: ranks per (segment,
+    source class) from one stable sort, running sums per segment (:func:`_kernels.moves` makes the
+    same integer counts in one loop)."""
+    n, dev, nseg = tau_s.numel(), tau_s.device, i_base.shape[0]
     src_s, state_s = code_s.div(3, rounding_mode="floor"), code_s.remainder(3)
     hit_src = (state_s == 1).to(torch.float64)
     hit_c = (state_s == 2).to(torch.float64)
@@ -151,34 +151,53 @@ def _after_moves(form: CountReward, tau_s: torch.Tensor, code_s: torch.Tensor, s
     rank = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - rep(starts, sizes)
     hits = torch.cumsum(hit_src[by_key], 0)
     left_hits = hits - rep(torch.cat([hits.new_zeros(1), hits])[starts], sizes)
-    hit_g = hit_src[by_key]
-    i_g, p_g = (rep(v.flatten(), sizes) for v in (i_base, p_base))
-    l_g = rep(lab.repeat(nseg), sizes)
-    # Per segment: running sums restart, class c counts from the segment's base.
-    seg_sizes = count(seg, nseg)
-    seg_starts = torch.cumsum(seg_sizes, 0) - seg_sizes
-
-    def running(x):  # inclusive running sum within each segment
-        cs = torch.cumsum(x, 0)
-        return cs - rep(torch.cat([cs.new_zeros(1), cs])[seg_starts], seg_sizes)
-
+    i_src = torch.empty(n, dtype=torch.float64, device=dev).index_copy_(0, by_key, rep(i_base.flatten(), sizes) - left_hits)
+    p_src = torch.empty(n, dtype=torch.float64, device=dev).index_copy_(0, by_key, rep(p_base.flatten(), sizes) - rank)
     moves = torch.arange(1, n + 1, device=dev, dtype=torch.float64) - rep(seg_starts, seg_sizes)
-    ic, pc = i_base[seg, c] + running(hit_c), p_base[seg, c] + moves
+    return (src_s, i_src, p_src, hit_src, i_base[seg, c] + _running(hit_c, seg_sizes, seg_starts),
+            p_base[seg, c] + moves)
 
+
+def _running(x: torch.Tensor, seg_sizes: torch.Tensor, seg_starts: torch.Tensor) -> torch.Tensor:
+    """Inclusive running sum of ``x`` within each segment (one cumsum, less its value before the segment)."""
+    cs = torch.cumsum(x, 0)
+    return cs - torch.repeat_interleave(torch.cat([cs.new_zeros(1), cs])[seg_starts], seg_sizes,
+                                        output_size=x.numel())
+
+
+def _after_moves(form: CountReward, tau_s: torch.Tensor, code_s: torch.Tensor, seg: torch.Tensor, c: int,
+                 lab: torch.Tensor, i_base: torch.Tensor, p_base: torch.Tensor,
+                 seg_starts: torch.Tensor | None = None, moved=None) -> torch.Tensor:
+    """The reward after each move ``[n]``, for pixels in segments that each start from their own
+    counts: pixels sorted by ``(seg, tau)``; segment ``g`` starts from ``(i_base[g], p_base[g])``
+    (``[S, C]`` float64) and its pixels move into ``c`` in threshold order. Each move changes the
+    terms of two classes, its source and ``c``: running sums of those changes per segment.
+
+    ``seg_starts [S + 1]`` (where each segment begins, and the end) and ``moved`` (the counts of
+    :func:`_move_counts`) when the caller already has them (the fused loops)."""
+    n, num_classes, dev = tau_s.numel(), lab.numel(), tau_s.device
+    nseg = i_base.shape[0]
+    if seg_starts is None:
+        seg_sizes = count(seg, nseg)
+        starts = torch.cumsum(seg_sizes, 0) - seg_sizes
+    else:
+        seg_sizes, starts = seg_starts[1:] - seg_starts[:-1], seg_starts[:-1]
+    if moved is None:
+        moved = _move_counts(tau_s, code_s, seg, c, num_classes, i_base, p_base, seg_sizes, starts)
+    src, i_src, p_src, hit, ic, pc = moved
+    l_src = lab[src]
     total, weight = None, 0.0
     for terms, w in form.parts:
         cw = term_weight(terms)
         cw = None if cw is None else cw.to(dev)
-        w_g = None if cw is None else rep(cw.repeat(nseg), sizes)
+        w_src = None if cw is None else cw[src]
         w_c = None if cw is None else cw[c]
-        a_new, b_new = class_terms(terms, i_g - left_hits, p_g - rank, l_g, w_g)
-        a_old, b_old = class_terms(terms, i_g - left_hits + hit_g, p_g - rank + 1, l_g, w_g)
-        d_num = torch.empty(n, dtype=torch.float64, device=dev).index_copy_(0, by_key, a_new - a_old)
-        d_den = torch.empty(n, dtype=torch.float64, device=dev).index_copy_(0, by_key, b_new - b_old)
+        a_new, b_new = class_terms(terms, i_src, p_src, l_src, w_src)
+        a_old, b_old = class_terms(terms, i_src + hit, p_src + 1, l_src, w_src)
         a0, b0 = terms(i_base, p_base, lab.expand_as(p_base))  # [S, C]
         a_c, b_c = class_terms(terms, ic, pc, lab[c].expand(n), w_c)
-        num = (a0.sum(-1) - a0[:, c])[seg] + running(d_num) + a_c
-        den = (b0.sum(-1) - b0[:, c])[seg] + running(d_den) + b_c
+        num = (a0.sum(-1) - a0[:, c])[seg] + _running(a_new - a_old, seg_sizes, starts) + a_c
+        den = (b0.sum(-1) - b0[:, c])[seg] + _running(b_new - b_old, seg_sizes, starts) + b_c
         part = torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
         total = w * part if total is None else total.add_(part, alpha=w)
         weight += w
@@ -263,12 +282,16 @@ class SearchWork:
     ``m`` pixels (a fresh multi-megabyte tensor per step costs page faults, see ``_Top2``)."""
 
     def __init__(self, m: int, device=None, fused: bool = False):
-        # fused: the binning pass and the selection by numba loops (CPU; see _kernels), which need
-        # no scaled thresholds and no per-pixel flags
+        # fused: the binning, edge counts, selection and moves by numba loops (CPU; see _kernels),
+        # which need no scaled thresholds or per-pixel flags; bins fit int16
         self.fused = fused
-        self.idx = torch.empty(m, dtype=torch.long, device=device)
-        self.key = torch.empty(m, dtype=torch.long, device=device)
-        if not self.fused:
+        if self.fused:
+            self.idx = torch.empty(m, dtype=torch.int16)
+            self.t_s = torch.empty(m, dtype=torch.float64)
+            self.code_s = torch.empty(m, dtype=torch.int32)
+        else:
+            self.idx = torch.empty(m, dtype=torch.long, device=device)
+            self.key = torch.empty(m, dtype=torch.long, device=device)
             self.scaled = torch.empty(m, dtype=torch.float64, device=device)
             self.flag = torch.empty(m, dtype=torch.uint8, device=device)
         self._per_bins: dict = {}
@@ -277,23 +300,44 @@ class SearchWork:
         """``(scaled, idx, key, flag)`` for ``m`` pixels (the tensor code's)."""
         return self.scaled[:m], self.idx[:m], self.key[:m], self.flag[:m]
 
-    def fused_bins(self, tau, code, t_lo: float, width: float, nb: int, num_classes: int):
-        """:func:`_kernels.bins` into buffers: ``(idx [M], hist [nb * C * 3], t_max [nb], t_min [nb])``."""
+    def fused_bins(self, tau, code, t_lo: float, width: float, nb: int, num_classes: int, c: int):
+        """:func:`_kernels.bins` and :func:`_kernels.edges` into buffers: ``(idx [M], t_max [nb],
+        t_min [nb], p_e [nb + 1, C], i_e [nb + 1, C], size [nb])``."""
         key = (nb, num_classes)
         if key not in self._per_bins:
-            self._per_bins[key] = (torch.empty(nb * num_classes * 3, dtype=torch.long),
-                                   torch.empty(nb, dtype=tau.dtype), torch.empty(nb, dtype=tau.dtype))
-        hist, t_max, t_min = self._per_bins[key]
+            self._per_bins[key] = (torch.empty(nb * num_classes * 3, dtype=torch.int32),
+                                   torch.empty(nb, dtype=tau.dtype), torch.empty(nb, dtype=tau.dtype),
+                                   torch.empty(nb + 1, num_classes, dtype=torch.float64),
+                                   torch.empty(nb + 1, num_classes, dtype=torch.float64),
+                                   torch.empty(nb, dtype=torch.long))
+        hist, t_max, t_min, p_e, i_e, size = self._per_bins[key]
         idx = self.idx[:tau.numel()]
         _kernels.bins(tau.numpy(), code.numpy(), t_lo, width, nb, num_classes, idx.numpy(), hist.numpy(),
                       t_max.numpy(), t_min.numpy())
-        return idx, hist, t_max, t_min
+        _kernels.edges(hist.numpy(), num_classes, c, p_e.numpy(), i_e.numpy(), size.numpy())
+        return idx, t_max, t_min, p_e, i_e, size
 
-    def fused_select(self, idx, flag) -> torch.Tensor:
-        """The pixels whose bin is flagged (pixel order), by :func:`_kernels.select`."""
-        out = self.key[:idx.numel()]
-        n = _kernels.select(idx.numpy(), flag.numpy(), out.numpy())
-        return out[:n]
+    def fused_gather(self, idx, tau, code, bins: torch.Tensor, size: torch.Tensor, nb: int):
+        """The pixels of ``bins`` (ascending) in threshold order by :func:`_kernels.gather`: their
+        thresholds, codes, segment (position of their bin in ``bins``) and ``starts [S + 1]``."""
+        sizes = size[bins]
+        starts = torch.zeros(bins.numel() + 1, dtype=torch.long)
+        torch.cumsum(sizes, 0, out=starts[1:])
+        n = int(starts[-1])
+        seg_of_bin = torch.full((nb,), -1, dtype=torch.long).index_copy_(0, bins, torch.arange(bins.numel()))
+        t_s, code_s = self.t_s[:n], self.code_s[:n]
+        _kernels.gather(idx.numpy(), tau.numpy(), code.numpy(), seg_of_bin.numpy(), starts.numpy(), t_s.numpy(),
+                        code_s.numpy())
+        return t_s, code_s, torch.repeat_interleave(sizes, output_size=n), starts
+
+    def fused_moves(self, code_s, starts, c: int, i_base, p_base):
+        """:func:`_move_counts` by :func:`_kernels.moves`."""
+        n = code_s.numel()
+        src = torch.empty(n, dtype=torch.long)
+        i_src, p_src, hit, i_c, p_c = torch.empty(5, n, dtype=torch.float64)
+        _kernels.moves(code_s.numpy(), starts.numpy(), c, i_base.numpy(), p_base.numpy(), src.numpy(),
+                       i_src.numpy(), p_src.numpy(), hit.numpy(), i_c.numpy(), p_c.numpy())
+        return src, i_src, p_src, hit, i_c, p_c
 
 
 def bounded_search(form: CountReward, tau, code, c: int, label_area, current: float, current_reward: float,
@@ -328,22 +372,22 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     work = work or SearchWork(m, dev)
     inf = float("inf")
     # (tau - t_lo) / width >= 0: truncation (the float -> int copy) is the floor.
-    if work.fused:  # one loop: bins, histogram, each bin's extreme thresholds (the same numbers)
-        idx, h, t_max, t_min = work.fused_bins(tau, code, t_lo, (t_hi - t_lo) / nb, nb, num_classes)
+    if work.fused:  # two loops: bins, histogram, each bin's extreme thresholds; the edge counts
+        idx, t_max, t_min, p_e, i_e, size = work.fused_bins(tau, code, t_lo, (t_hi - t_lo) / nb, nb, num_classes, c)
     else:
         scaled, idx, key, flag_of = work.take(m)
         idx.copy_(torch.sub(tau, t_lo, out=scaled).div_((t_hi - t_lo) / nb)).clamp_(max=nb - 1)
         h = count(torch.mul(idx, 3 * num_classes, out=key).add_(code), nb * num_classes * 3)
         t_max = torch.full((nb,), -inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amax")
         t_min = torch.full((nb,), inf, dtype=tau.dtype, device=dev).scatter_reduce_(0, idx, tau, "amin")
-    # Per (bin, source class, state: label neither / the source / c), running over the bins from
-    # a zero row: [nb + 1, C, 3]; the moves out of each class, its hits lost, c's hits gained.
-    h = torch.cumsum(h.view(nb, num_classes, 3), 0).to(torch.float64)
-    h = torch.cat([h.new_zeros(1, num_classes, 3), h])
-    lost, into = h[..., 1], h[..., 2]  # (sums over a last dim of 3 are slow on a CPU: added by hand)
-    moved, into_c = h[..., 0] + lost + into, into.sum(-1)
-    p_e, i_e = moved[-1] - moved, lost[-1] - lost  # counts at every edge e (bins < e moved): [nb + 1, C]
-    p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
+        # Per (bin, source class, state: label neither / the source / c), running over the bins
+        # from a zero row: [nb + 1, C, 3]; the moves out of each class, its hits lost, c's hits gained.
+        h = torch.cumsum(h.view(nb, num_classes, 3), 0).to(torch.float64)
+        h = torch.cat([h.new_zeros(1, num_classes, 3), h])
+        lost, into = h[..., 1], h[..., 2]  # (sums over a last dim of 3 are slow on a CPU: added by hand)
+        moved, into_c = h[..., 0] + lost + into, into.sum(-1)
+        p_e, i_e = moved[-1] - moved, lost[-1] - lost  # counts at every edge e (bins < e moved): [nb + 1, C]
+        p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
     lab_e = lab.expand_as(p_e)
     edge_reward = reward_from_counts(form, i_e, p_e, lab_e)
     # The offsets that give edge e's state: (largest tau below it, smallest tau at or above it).
@@ -366,15 +410,20 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     # counted above. Host reads: which bins, and how many pixels they hold.
     bins = torch.nonzero(ub > best + tol).flatten()
     if bins.numel():
-        flag = torch.zeros(nb, dtype=torch.uint8, device=dev).index_fill_(0, bins, 1)
-        sel = work.fused_select(idx, flag) if work.fused else \
-            torch.nonzero(torch.index_select(flag, 0, idx, out=flag_of)).flatten()
-        sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
-        kb = idx[sel]
-        t_s = tau[sel]
-        after = _after_moves(form, t_s, code[sel], torch.searchsorted(bins, kb), c, lab, i_e[bins], p_e[bins])
+        if work.fused:  # the bins' pixels by a counting sort on the bin, then a sort within each
+            t_s, code_s, seg, starts = work.fused_gather(idx, tau, code, bins, size, nb)
+            i_b, p_b = i_e[bins], p_e[bins]
+            after = _after_moves(form, t_s, code_s, seg, c, lab, i_b, p_b, starts,
+                                 work.fused_moves(code_s, starts, c, i_b, p_b))
+        else:
+            flag = torch.zeros(nb, dtype=torch.uint8, device=dev).index_fill_(0, bins, 1)
+            sel = torch.nonzero(torch.index_select(flag, 0, idx, out=flag_of)).flatten()
+            sel = sel[torch.argsort(tau[sel], stable=True)]  # bins are monotone in tau: also sorted by bin
+            t_s = tau[sel]
+            seg = torch.searchsorted(bins, idx[sel])
+            after = _after_moves(form, t_s, code[sel], seg, c, lab, i_e[bins], p_e[bins])
         nxt = torch.cat([t_s[1:], t_s.new_tensor([inf])])
-        same_bin = torch.cat([kb[1:] == kb[:-1], kb.new_zeros(1, dtype=torch.bool)])
+        same_bin = torch.cat([seg[1:] == seg[:-1], seg.new_zeros(1, dtype=torch.bool)])
         lows.append(t_s)
         highs.append(nxt)
         rewards.append(torch.where(same_bin & ((nxt - t_s) > eps), after, torch.full_like(after, -inf)))
