@@ -260,6 +260,7 @@ def line_search_full(form: CountReward, tau: torch.Tensor, src: torch.Tensor, ta
 
 
 _SMALL = 8192  # below this many pixels one full sort is cheapest
+_GROUP = 16  # bins per group of bounded_search's first level
 
 
 def _upper_bound(form: CountReward, i_hi: torch.Tensor, p_lo: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
@@ -351,13 +352,13 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     class stay between their values at the bin's two edges, which bounds the reward there
     (:func:`_upper_bound`); only bins whose bound beats the best reward found are sorted and
     searched exactly. Every pass over the pixels is a tensor op; the host reads the thresholds'
-    range, the number of pixels in promising bins and the result (see ``tests``: a fixed number
-    of reads per step, whatever the number of pixels). ``work``: buffers for the ``[M]`` arrays
+    range, the promising groups of bins and bins, the number of pixels in those bins and the result
+    (see ``tests``: a fixed number of reads per step, whatever the number of pixels). ``work``: buffers for the ``[M]`` arrays
     (and the fused CPU loops); ``t_range``: the thresholds' ``(min, max)`` when already known.
     """
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
-    nb = nb or int(min(4096, max(64, m // 128)))
+    nb = -(-(nb or int(min(4096, max(64, m // 128)))) // _GROUP) * _GROUP  # a multiple of _GROUP
     if t_range is None:
         t_lo, t_hi = torch.aminmax(tau)
         t_lo, t_hi = torch.stack([t_lo, t_hi]).tolist()
@@ -388,27 +389,44 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
         moved, into_c = h[..., 0] + lost + into, into.sum(-1)
         p_e, i_e = moved[-1] - moved, lost[-1] - lost  # counts at every edge e (bins < e moved): [nb + 1, C]
         p_e[:, c], i_e[:, c] = moved.sum(-1), into_c
-    lab_e = lab.expand_as(p_e)
-    edge_reward = reward_from_counts(form, i_e, p_e, lab_e)
     # The offsets that give edge e's state: (largest tau below it, smallest tau at or above it).
     below = torch.cat([t_max.new_full((1,), -inf), torch.cummax(t_max, 0).values])
     above = torch.cat([torch.flip(torch.cummin(torch.flip(t_min, [0]), 0).values, [0]), t_min.new_full((1,), inf)])
-    lows, highs, rewards = [below], [above], [edge_reward]
-    # Bounds inside each bin with two thresholds further apart than eps; search the promising ones.
-    inside = (t_max - t_min) > eps
-    ub = _upper_bound(form, torch.maximum(i_e[:-1], i_e[1:]), torch.minimum(p_e[:-1], p_e[1:]), lab_e[:-1])
-    ub = torch.where(inside, ub, torch.full_like(ub, -inf))
+
     def usable(reward, lo, hi):  # rewards of the intervals an offset may be chosen in
         if bound is not None:
             lo, hi = lo.clamp(min=-bound), hi.clamp(max=bound)
         return torch.where(hi - lo > eps, reward, torch.full_like(reward, -inf))
 
-    best = usable(edge_reward, below, above).max().clamp(min=current_reward)
+    def bound_between(e0, e1):  # the reward bound of every state between edges e0 and e1 (counts monotone)
+        return _upper_bound(form, torch.maximum(i_e[e0], i_e[e1]), torch.minimum(p_e[e0], p_e[e1]), lab)
+
+    # Two levels: the reward at every g-th edge and a bound per group of g bins between them; only
+    # the groups whose bound beats the best reward found get their inner edges' rewards and a bound
+    # per bin (the [nb + 1, C] rewards and bounds of every edge cost more than the rest of the step).
+    g = _GROUP  # nb is a multiple of it
+    coarse = torch.arange(0, nb + 1, g, device=dev)
+    coarse_reward = reward_from_counts(form, i_e[coarse], p_e[coarse], lab)
+    lows, highs, rewards = [below[coarse]], [above[coarse]], [coarse_reward]
+    best = usable(coarse_reward, below[coarse], above[coarse]).max().clamp(min=current_reward)
+    # Groups whose bound reaches within tol of the best: every edge a tie could choose is scored
+    # (the same candidates as scoring every edge), and every bin whose bound beats best + tol.
+    groups = torch.nonzero(bound_between(coarse[:-1], coarse[1:]) >= best - tol).flatten()
+    fine = (groups.unsqueeze(1) * g + torch.arange(g, device=dev)).flatten()  # their bins, ascending
+    inner = (groups.unsqueeze(1) * g + torch.arange(1, g, device=dev)).flatten()  # their edges between the coarse ones
+    inner_reward = reward_from_counts(form, i_e[inner], p_e[inner], lab)
+    lows.append(below[inner])
+    highs.append(above[inner])
+    rewards.append(inner_reward)
+    if inner.numel():
+        best = torch.maximum(best, usable(inner_reward, below[inner], above[inner]).max())
+    # Bounds inside each of their bins with two thresholds further apart than eps.
+    ub = torch.where((t_max[fine] - t_min[fine]) > eps, bound_between(fine, fine + 1), torch.tensor(-inf, device=dev))
     # Every state inside the promising bins at once: their pixels in (bin, threshold) order, each
     # bin from its own lower edge. A move's state is reachable when the next pixel of its bin lies
     # more than eps above it (the others get reward -inf); the states at the bins' edges are
-    # counted above. Host reads: which bins, and how many pixels they hold.
-    bins = torch.nonzero(ub > best + tol).flatten()
+    # counted above. Host reads: which groups, which bins, and how many pixels they hold.
+    bins = fine[ub > best + tol]
     if bins.numel():
         if work.fused:  # the bins' pixels by a counting sort on the bin, then a sort within each
             t_s, code_s, seg, starts = work.fused_gather(idx, tau, code, bins, size, nb)
