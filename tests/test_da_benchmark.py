@@ -113,7 +113,7 @@ def test_lr_choice_uses_the_mean_over_seeds_that_ran_the_grid(bench):
     assert d["target_mde"] == pytest.approx((12.7062 + 1.3764) * 1.5, abs=1e-3)
 
 
-def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
+def test_benchmark_end_to_end_with_a_test_split(bench, load_benchmark, tmp_path, capsys):
     make_camvid(tmp_path / "camvid")
     out = tmp_path / "res" / "camvid_da"
     methods = ["ce", "lovasz", "ce_lovasz", "local_batch", "local_pseudo_batch"]
@@ -207,6 +207,23 @@ def test_benchmark_end_to_end_with_a_test_split(bench, tmp_path):
     lz = next(r for r in merged["summary"]["rows"] if r["protocol"] == "after_ce" and r["method"] == "lovasz")
     assert lz["lr_chosen_on_seeds"] == ([0, 1, 5] if len(chosen) == 2 else [0, 1])  # seed 5: both lrs or one
     assert "the sum over 2 processes" in (tmp_path / "res" / "merged.md").read_text()
+    # the README's compact tables come from the file: means, paired Δ and calibration's own effect
+    tables = load_benchmark("verdict_tables")
+    first_run = tmp_path / "res" / "first.json"  # the file as the first run wrote it (before --append)
+    first_run.write_text(json.dumps(saved))
+    capsys.readouterr()
+    tables.main([str(first_run), "--protocol", "after_ce"])
+    text = capsys.readouterr().out
+    assert text.startswith("### after_ce, budget ") and "| method (chosen lr; with cal) |" in text
+    lz, ce = rows[("after_ce", "lovasz")], rows[("after_ce", "ce")]
+    assert f"| 2 | {lz['target_mean']:.2f} ± {lz['target_std']:.2f} |".replace("-", "\u2212") in text
+    cal_lr = rows[("after_ce", "ce+cal")]["lr"]
+    own = np.mean([runs[("after_ce", "ce+cal", s, cal_lr)]["target_mIoU"] - runs[("after_ce", "ce", s, cal_lr)]["target_mIoU"]
+                   for s in (0, 1)])
+    assert f"extra CE {own:+.2f} [".replace("-", "\u2212") in text
+    assert "from_source" not in text and "**not met**" in text
+    with pytest.raises(SystemExit, match="not a result file"):
+        tables.main([str(tmp_path / "lr.png")])
     with pytest.raises(SystemExit, match="only seeds"):
         bench.run(bench.parse(first + ["--seeds", "6", "--protocols", "after_ce", "--methods", "ce", "--k", "3",
                                        "--lrs", "1e-3", "--out", str(tmp_path / "res" / "k3")]))

@@ -1,0 +1,104 @@
+"""The README's compact verdict tables, rendered from a result file of ``benchmarks/da.py``.
+
+    python benchmarks/verdict_tables.py results/verdict_camvid_idd.json                # every section
+    python benchmarks/verdict_tables.py results/verdict_camvid_idd.json --budget 256   # one budget
+
+Per (protocol, budget): each method at its chosen lr with and without calibration, the
+seed-paired Δ vs extra CE (and, calibrated, vs extra CE + calibration: like for like) with a 95%
+t-interval; then calibration's own effect per method (the same model with and without its
+offsets, seed-paired), and the issue's goal as ``da.py`` judged it. Every number comes from the
+file, so a table in the README is reproduced by this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from da import CAL, STARTS, LABELLED, UDA, _ci, paired  # noqa: E402
+
+NAMES = {"source_only": "source only", "ce_finetuned": "CE fine-tuned start (no extra steps)", "ce": "extra CE",
+         "lovasz": "Lovász", "ce_lovasz": "CE + Lovász 1:1",
+         "local_batch": "reward tuning, exact credit of the batch mIoU (`local_batch`)",
+         "local_batch_ce": "the same with a CE anchor (`local_batch_ce`)",
+         "self_training": "pseudo-label self-training", "local_pseudo_batch": "reward tuning on pseudo-labels"}
+ORDER = list(STARTS) + LABELLED + UDA
+
+
+def _lr(row) -> str:
+    return "—" if row is None or row["lr"] is None else f"{row['lr']:g}"
+
+
+def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
+    rows = {r["method"]: r for r in summary["rows"] if r["protocol"] == protocol and r["budget"] == budget}
+    ref = "ce" if protocol != "uda" else "self_training"
+    lines = ["| method (chosen lr; with cal) | n | target mIoU | Δ vs extra CE [95%] | + calibration | "
+             "Δ vs extra CE + cal [95%] |", "| --- | --- | --- | --- | --- | --- |"]
+    for m in [m for m in ORDER if m in rows]:
+        r, rc = rows[m], rows.get(m + CAL)
+        lr = _lr(r) if rc is None or rc["lr"] == r["lr"] else f"{_lr(r)}; {_lr(rc)} with cal"
+        vs = r["vs"].get(ref)
+        vsc = rc["vs"].get(ref + CAL) if rc else None
+        cal = f"{rc['target_mean']:.2f} ± {rc['target_std']:.2f}" if rc else ""
+        lines.append(f"| {NAMES.get(m, m)} ({lr}) | {r['n']} | {r['target_mean']:.2f} ± {r['target_std']:.2f} | "
+                     f"{_ci(vs) if vs else ''} | {cal} | {_ci(vsc) if vsc else ''} |")
+    # calibration's own effect: the same model (the method at its calibrated pipeline's lr) with and
+    # without its offsets
+    by = {}
+    for x in runs:
+        if x["protocol"] == protocol and x.get("budget") == budget:
+            by[(x["method"], x.get("lr"), x["seed"])] = x["target_mIoU"]
+    effects = []
+    for m in [m for m in ORDER if m + CAL in rows]:
+        rc = rows[m + CAL]
+        seeds = [s for s in rc["seeds"] if (m, rc["lr"], s) in by and (m + CAL, rc["lr"], s) in by]
+        if seeds:
+            d = paired([by[(m + CAL, rc["lr"], s)] - by[(m, rc["lr"], s)] for s in seeds])
+            ci = d["ci95"]
+            effects.append(f"{NAMES.get(m, m)} {d['diff_mean']:+.2f}" +
+                           (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f" (n={len(seeds)})"))
+    out = "\n".join(lines)
+    if effects:
+        out += "\n\nCalibration itself (each method at its calibrated pipeline's lr, with vs without offsets, seed-paired, 95%): " + "; ".join(effects) + "."
+    for g in summary.get("goals", []):
+        if g["protocol"] == protocol and g["budget"] == budget:
+            def brief(d):
+                if not d:
+                    return "—"
+                ci = d["ci95"]
+                return f"{d['mean']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f" (n={d['n']})"
+            out += (f"\n\nGoal ({g['criterion']}): best reward pipeline by selection mIoU `{g['best']}` at "
+                    f"{_lr(g)}: vs extra CE {brief(g['vs_ce'])}, vs Lovász {brief(g['vs_lovasz'])}; "
+                    f"like for like vs extra CE + cal {brief(g['vs_ce_cal'])}, vs Lovász + cal "
+                    f"{brief(g['vs_lovasz_cal'])}: **{'met' if g['met'] else 'not met'}**.")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("result", help="a JSON written by benchmarks/da.py (a run or --merge)")
+    p.add_argument("--protocol", default=None, help="only this protocol")
+    p.add_argument("--budget", type=int, default=None, help="only this label budget")
+    args = p.parse_args(argv)
+    path = Path(args.result).with_suffix(".json")  # as da.py's --out and --merge name it
+    try:
+        data = json.loads(path.read_text())
+        summary, runs = data["summary"], data["runs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: not a result file of benchmarks/da.py ({e})")
+    keys = sorted({(r["protocol"], r["budget"]) for r in summary["rows"]},
+                  key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    for protocol, budget in keys:
+        if (args.protocol and protocol != args.protocol) or (args.budget is not None and budget != args.budget):
+            continue
+        print(f"### {protocol}, budget {budget}\n")
+        # typographic minus in numbers, as the README writes them
+        print(re.sub(r"(?<![\w`])-(?=\d)", "\u2212", section(summary, runs, protocol, budget)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
