@@ -358,7 +358,8 @@ def part_exact_vs_grid(logits, labels, args) -> dict:
     grid = grid_search(pixels, form, cal.reward_after, args.grid_points, args.grid_radius, args.grid_max_sweeps)
     exact = {"reward_before": cal.reward_before, "reward": cal.reward_after, "seconds": exact_s,
              "evaluation_seconds": eval_s, "evaluations": statistics.median(ratios),
-             "evaluations_all": ratios, "evaluation_seconds_all": evals, "seconds_all": times, "flatten_seconds": flatten_s, "sweeps": cal.sweeps,
+             "evaluations_all": ratios, "evaluation_seconds_all": evals, "seconds_all": times,
+             "flatten_seconds": flatten_s, "sweeps": cal.sweeps,
              "converged": cal.converged, "history": cal.history, "offsets": [float(v) for v in cal.offsets]}
     ratio = grid["seconds"] / exact_s
     within = {f"{gap:g}": first_time_within(grid["trace"], cal.reward_after, gap) for gap in (1e-3, 1e-2)}

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from da import CAL, STARTS, LABELLED, UDA, _ci, paired  # noqa: E402
+from da import CAL, STARTS, LABELLED, UDA, _ci, _sections, paired  # noqa: E402
 
 NAMES = {"source_only": "source only", "ce_finetuned": "CE fine-tuned start (no extra steps)", "ce": "extra CE",
          "lovasz": "Lovász", "ce_lovasz": "CE + Lovász 1:1",
@@ -31,6 +31,16 @@ ORDER = list(STARTS) + LABELLED + UDA
 
 def _lr(row) -> str:
     return "—" if row is None or row["lr"] is None else f"{row['lr']:g}"
+
+
+def _mean_ci(mean: float, ci) -> str:
+    """``+1.23 [+0.80, +1.66]``, or ``+1.23`` where there is no interval (one seed)."""
+    return f"{mean:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+def _goal_part(d: dict | None) -> str:
+    """One comparison of a goal entry of ``da.py``'s summary (``mean``, ``ci95``, ``n``)."""
+    return "—" if not d else f"{_mean_ci(d['mean'], d['ci95'])} (n={d['n']})"
 
 
 def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
@@ -58,23 +68,17 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
         seeds = [s for s in rc["seeds"] if (m, rc["lr"], s) in by and (m + CAL, rc["lr"], s) in by]
         if seeds:
             d = paired([by[(m + CAL, rc["lr"], s)] - by[(m, rc["lr"], s)] for s in seeds])
-            ci = d["ci95"]
-            effects.append(f"{NAMES.get(m, m)} {d['diff_mean']:+.2f}" +
-                           (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f" (n={len(seeds)})"))
+            effects.append(f"{NAMES.get(m, m)} {_mean_ci(d['diff_mean'], d['ci95'])}" +
+                           ("" if d["ci95"] else f" (n={len(seeds)})"))
     out = "\n".join(lines)
     if effects:
         out += "\n\nCalibration itself (each method at its calibrated pipeline's lr, with vs without offsets, seed-paired, 95%): " + "; ".join(effects) + "."
     for g in summary.get("goals", []):
         if g["protocol"] == protocol and g["budget"] == budget:
-            def brief(d):
-                if not d:
-                    return "—"
-                ci = d["ci95"]
-                return f"{d['mean']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f" (n={d['n']})"
             out += (f"\n\nGoal ({g['criterion']}): best reward pipeline by selection mIoU `{g['best']}` at "
-                    f"{_lr(g)}: vs extra CE {brief(g['vs_ce'])}, vs Lovász {brief(g['vs_lovasz'])}; "
-                    f"like for like vs extra CE + cal {brief(g['vs_ce_cal'])}, vs Lovász + cal "
-                    f"{brief(g['vs_lovasz_cal'])}: **{'met' if g['met'] else 'not met'}**.")
+                    f"{_lr(g)}: vs extra CE {_goal_part(g['vs_ce'])}, vs Lovász {_goal_part(g['vs_lovasz'])}; "
+                    f"like for like vs extra CE + cal {_goal_part(g['vs_ce_cal'])}, vs Lovász + cal "
+                    f"{_goal_part(g['vs_lovasz_cal'])}: **{'met' if g['met'] else 'not met'}**.")
     return out
 
 
@@ -90,9 +94,7 @@ def main(argv=None) -> None:
         summary, runs = data["summary"], data["runs"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"{path}: not a result file of benchmarks/da.py ({e})")
-    keys = sorted({(r["protocol"], r["budget"]) for r in summary["rows"]},
-                  key=lambda k: (k[0], -1 if k[1] is None else k[1]))
-    for protocol, budget in keys:
+    for protocol, budget in _sections(summary):  # the order of da.py's own report
         if (args.protocol and protocol != args.protocol) or (args.budget is not None and budget != args.budget):
             continue
         print(f"### {protocol}, budget {budget}\n")

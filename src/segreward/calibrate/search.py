@@ -352,9 +352,10 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     class stay between their values at the bin's two edges, which bounds the reward there
     (:func:`_upper_bound`); only bins whose bound beats the best reward found are sorted and
     searched exactly. Every pass over the pixels is a tensor op; the host reads the thresholds'
-    range, the promising groups of bins and bins, the number of pixels in those bins and the result
-    (see ``tests``: a fixed number of reads per step, whatever the number of pixels). ``work``: buffers for the ``[M]`` arrays
-    (and the fused CPU loops); ``t_range``: the thresholds' ``(min, max)`` when already known.
+    range, the promising groups of bins and bins, the number of pixels in those bins and the
+    result (see ``tests``: a fixed number of reads per step, whatever the number of pixels).
+    ``work``: buffers for the ``[M]`` arrays (and the fused CPU loops); ``t_range``: the
+    thresholds' ``(min, max)`` when already known.
     """
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
@@ -406,20 +407,20 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     # per bin (the [nb + 1, C] rewards and bounds of every edge cost more than the rest of the step).
     g = _GROUP  # nb is a multiple of it
     coarse = torch.arange(0, nb + 1, g, device=dev)
-    coarse_reward = reward_from_counts(form, i_e[coarse], p_e[coarse], lab)
-    lows, highs, rewards = [below[coarse]], [above[coarse]], [coarse_reward]
-    best = usable(coarse_reward, below[coarse], above[coarse]).max().clamp(min=current_reward)
+    coarse_reward, c_lo, c_hi = reward_from_counts(form, i_e[coarse], p_e[coarse], lab), below[coarse], above[coarse]
+    lows, highs, rewards = [c_lo], [c_hi], [coarse_reward]
+    best = usable(coarse_reward, c_lo, c_hi).max().clamp(min=current_reward)
     # Groups whose bound reaches within tol of the best: every edge a tie could choose is scored
     # (the same candidates as scoring every edge), and every bin whose bound beats best + tol.
     groups = torch.nonzero(bound_between(coarse[:-1], coarse[1:]) >= best - tol).flatten()
     fine = (groups.unsqueeze(1) * g + torch.arange(g, device=dev)).flatten()  # their bins, ascending
     inner = (groups.unsqueeze(1) * g + torch.arange(1, g, device=dev)).flatten()  # their edges between the coarse ones
-    inner_reward = reward_from_counts(form, i_e[inner], p_e[inner], lab)
-    lows.append(below[inner])
-    highs.append(above[inner])
+    inner_reward, i_lo, i_hi = reward_from_counts(form, i_e[inner], p_e[inner], lab), below[inner], above[inner]
+    lows.append(i_lo)
+    highs.append(i_hi)
     rewards.append(inner_reward)
     if inner.numel():
-        best = torch.maximum(best, usable(inner_reward, below[inner], above[inner]).max())
+        best = torch.maximum(best, usable(inner_reward, i_lo, i_hi).max())
     # Bounds inside each of their bins with two thresholds further apart than eps.
     ub = torch.where((t_max[fine] - t_min[fine]) > eps, bound_between(fine, fine + 1), torch.tensor(-inf, device=dev))
     # Every state inside the promising bins at once: their pixels in (bin, threshold) order, each
