@@ -68,7 +68,9 @@ def run_variant(name, args, device, x, y):
         loss_fn = ReinforceLoss(args.classes, estimator="local", scope=name.split("_", 1)[1])
     elif name != "ce":
         k = int(name.rsplit("k", 1)[1])
-        loss_fn = ReinforceLoss(args.classes, k=k, sampler="coherent" if name.startswith("coherent") else "categorical")
+        # sampled REINFORCE named explicitly (the defaults resolve count rewards to the local estimator)
+        loss_fn = ReinforceLoss(args.classes, k=k, sampler="coherent" if name.startswith("coherent") else "categorical",
+                                estimator="sample", scope="image")
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
            if args.amp != "none" else nullcontext())
 

@@ -101,9 +101,13 @@ def build_variants(args, device):
     stride = getattr(base, "output_stride", 1)
     losses = {
         "ce": None,
-        "reinforce_k4": ReinforceLoss(args.classes, k=4, ignore_index=args.ignore_index),
-        "reinforce_k16": ReinforceLoss(args.classes, k=16, ignore_index=args.ignore_index),
-        "coherent_k4": ReinforceLoss(args.classes, k=4, sampler="coherent", ignore_index=args.ignore_index),
+        # The sampled estimator named explicitly: ReinforceLoss's defaults resolve to the local
+        # estimator for count rewards (resolve_estimator), which is what local_batch measures.
+        "reinforce_k4": ReinforceLoss(args.classes, k=4, estimator="sample", scope="image", ignore_index=args.ignore_index),
+        "reinforce_k16": ReinforceLoss(args.classes, k=16, estimator="sample", scope="image",
+                                       ignore_index=args.ignore_index),
+        "coherent_k4": ReinforceLoss(args.classes, k=4, sampler="coherent", estimator="sample", scope="image",
+                                     ignore_index=args.ignore_index),
         "local_image": ReinforceLoss(args.classes, estimator="local", scope="image", ignore_index=args.ignore_index),
         "local_batch": ReinforceLoss(args.classes, estimator="local", scope="batch", ignore_index=args.ignore_index),
     }

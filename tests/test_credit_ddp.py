@@ -3,11 +3,13 @@ credits and the same (DDP-averaged) gradient as one process holding the whole ba
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import segreward.reinforce as reinforce
+import segreward.sampling as sampling
 from segreward.credit import credit_table
 from segreward.reinforce import ReinforceLoss
 
@@ -28,14 +30,18 @@ def _run(rank: int, world: int, logits, target, samples, scope: str):
     part = slice(rank * B // world, (rank + 1) * B // world)
     logits = logits[part].clone().requires_grad_(True)
     target, samples = target[part], samples[:, part]
-    draw = reinforce.draw_from_probs
-    # the same sample in both layouts
-    reinforce.draw_from_probs = lambda p, k, generator, with_argmax: (samples, p.argmax(1))
+    # The same sample in both layouts: uniforms in the middle of each sample's CDF interval (both
+    # the fused loop and the tensor code draw through these uniforms).
+    with torch.no_grad():
+        p = torch.softmax(logits, 1)
+        mid = (torch.cumsum(p, 1) - p / 2).gather(1, samples.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)
+    draw = reinforce.uniforms, sampling.uniforms
+    reinforce.uniforms = sampling.uniforms = lambda k, b, h, w, device, generator: mid.contiguous()
     try:
         loss_fn = ReinforceLoss(C, estimator="local", scope=scope, ignore_index=IGN)
         loss_fn(logits, target).backward()
     finally:
-        reinforce.draw_from_probs = draw
+        reinforce.uniforms, sampling.uniforms = draw
     # DDP averages parameter gradients over ranks, i.e. each rank's logits gradient counts 1/world.
     grad = logits.grad.clone() / world
     cnt = loss_fn._batch_counts(samples, target)[0]
@@ -51,7 +57,9 @@ def _worker(rank: int, world: int, init: str, scope: str, out: dict):
         dist.destroy_process_group()
 
 
-def test_batch_scope_under_two_gloo_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["numba", "tensor"])
+def test_batch_scope_under_two_gloo_processes_matches_one_process(tmp_path, monkeypatch, fused):
+    monkeypatch.setenv("SEGREWARD_NUMBA", "1" if fused else "0")  # inherited by the spawned ranks
     logits, target, samples = _inputs()
     credit_one, grad_one, reward_one = _run(0, 1, logits, target, samples, "batch")
     with mp.Manager() as manager:

@@ -26,14 +26,16 @@ def _add_into(dst, src):
 
 
 @jit
-def credit_and_weighted(p, samples, target, valid, group, tables, den, wpart, multi, consts, credit, weighted):
+def credit_and_weighted(p, samples, target, valid, group, tables, den, wpart, multi, consts, credit, weighted, diag):
     """``p [B, C, Q]``; ``samples [K, B, Q]``; ``target [B, Q]`` (a class where ignored);
     ``valid [B, Q]``; ``group [B]``; ``tables [K, P, 8, G, C]``: per sample and reward part the
     leaving (miss/hit numerator, miss/hit denominator) and entering (miss numerator, miss
     denominator, hit numerator, hit denominator) tables; ``den [K, P, G]``; ``wpart [P]`` the
     parts' weights (used when ``multi``); ``consts``: ``[0, inf, K]`` in the tensors' dtype. Writes
     ``credit`` (mean over the K samples, 0 for the sampled class) and ``weighted = p * credit``,
-    both ``[B, C, Q]``. Class planes are written whole (contiguous, vectorised loops); per-pixel
+    both ``[B, C, Q]``, and per image the diagnostics ``diag [B, 2]`` (float64): the sum of
+    ``|credit|`` (in float64) and the number of labelled pixels whose
+    label's credit is > 0. Class planes are written whole (contiguous, vectorised loops); per-pixel
     values (the leaving terms, the label's and the sample's entries) in loops over the pixels."""
     k_n, b_n, q_n = samples.shape
     c_n = p.shape[1]
@@ -85,6 +87,7 @@ def credit_and_weighted(p, samples, target, valid, group, tables, den, wpart, mu
                 cur[samples[j, b, q], q] = zero
             if j > 0:
                 _add_into(out, cur_buf)
+        total = 0.0
         for c in range(c_n):
             row, pr, wr = out[c], p[b, c], weighted[b, c]
             if k_n > 1:
@@ -92,3 +95,10 @@ def credit_and_weighted(p, samples, target, valid, group, tables, den, wpart, mu
                     row[q] = row[q] / kf
             for q in range(q_n):
                 wr[q] = pr[q] * row[q]
+            for q in range(q_n):
+                total += abs(row[q])
+        pos = 0
+        for q in range(q_n):
+            pos += valid[b, q] and out[target[b, q], q] > zero
+        diag[b, 0] = total
+        diag[b, 1] = pos

@@ -40,12 +40,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segreward import _credit_kernel, _numba
+from segreward import _credit_kernel, _draw_kernel, _numba
 from segreward.credit import SCOPES, count_form, credit_table, credit_tables, reward_from_counts
 from segreward.errors import SegrewardError, require_tensors
 from segreward.metrics import check_labels, sample_confusion
 from segreward.rewards import REWARDS, get_reward, miou
-from segreward.sampling import CategoricalSampler, _policy, draw_from_probs, first_argmax, get_sampler
+from segreward.sampling import CategoricalSampler, _policy, draw_from_probs, first_argmax, get_sampler, uniforms
 
 __all__ = ["BASELINES", "ESTIMATORS", "compute_advantages", "local_surrogate", "ReinforceLoss", "RewardWeightedCELoss"]
 
@@ -147,6 +147,69 @@ class _Surrogate(torch.autograd.Function):
         return (-grad).view(shape) * direction, None, None
 
 
+class _DrawLogProb(torch.autograd.Function):
+    """``log_prob [K, B]`` of samples drawn and scored by :func:`_draw_kernel.draw_scored`, whose
+    gradient with respect to the logits ``z`` is the score function (gather, mask, log-softmax
+    and temperature backward in one pass: :func:`_draw_kernel.draw_grad`)."""
+
+    @staticmethod
+    def forward(ctx, z, value, p, idx, target, ignore_index, scale):
+        ctx.save_for_backward(p, idx, target)
+        ctx.ignore_index, ctx.scale = ignore_index, scale
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, idx, target = ctx.saved_tensors
+        b, c = p.shape[:2]
+        out = torch.empty_like(p)
+        _draw_kernel.draw_grad(p.view(b, c, -1).numpy(), idx.view(idx.shape[0], b, -1).numpy(),
+                               target.view(b, -1).numpy(), ctx.ignore_index,
+                               grad.to(torch.float64).contiguous().numpy(), ctx.scale, out.view(b, c, -1).numpy())
+        return out, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def _draw_counted(loss, p: torch.Tensor, z: torch.Tensor, target: torch.Tensor, logp: torch.Tensor | None = None,
+                  lse: torch.Tensor | None = None):
+    """K categorical draws from ``p [B, C, H, W]`` and their counts in one fused pass
+    (:func:`_draw_kernel.draw_scored`, numba): the same samples as ``draw_from_probs`` (the same
+    uniforms and sums). Returns ``(samples [K, B, H, W] uint8, confusion [K, B, C, C],
+    greedy confusion [1, B, C, C] (of the first maximum of ``z``), the entropy's sum over
+    labelled pixels, log_prob [K, B] float64)``; the entropy from ``logp`` or ``lse``, as
+    the kernel's, and ``log_prob`` only with ``logp`` (else zeros)."""
+    b, c, h, w = p.shape
+    k = loss.k
+    u = uniforms(k, b, h, w, p.device, loss.sampler.generator)
+    idx = torch.empty(k, b, h, w, dtype=torch.uint8)
+    log_prob = torch.zeros(k, b, dtype=torch.float64)
+    confusion = torch.zeros(k, b, c, c, dtype=torch.long)
+    greedy = torch.zeros(1, b, c, c, dtype=torch.long)
+    entropy = torch.zeros(b, dtype=torch.float64)
+    none = p.new_empty(0, 0, 0)
+    _draw_kernel.draw_scored(p.contiguous().view(b, c, -1).numpy(), z.contiguous().view(b, c, -1).numpy(),
+                             u.view(k, b, -1).numpy(), target.contiguous().view(b, -1).numpy(), loss.ignore_index,
+                             none.numpy() if logp is None else logp.view(b, c, -1).numpy(),
+                             (p.new_empty(0, 0) if lse is None else lse.contiguous().view(b, -1)).numpy(),
+                             idx.view(k, b, -1).numpy(), log_prob.numpy(), confusion.numpy(), greedy[0].numpy(),
+                             entropy.numpy())
+    return idx, confusion, greedy, entropy.sum(), log_prob
+
+
+def _draw_scored(loss, logits: torch.Tensor, target: torch.Tensor):
+    """The sampled estimator's categorical draws, their log-probabilities (with the gradient),
+    confusions, the greedy confusion and the entropy sum, in one fused pass
+    (:func:`_draw_counted`)."""
+    with torch.no_grad():
+        logp = _policy(logits.detach(), loss.temperature)
+        p = logp.exp()
+        tgt = target.contiguous()
+        idx, confusion, greedy, entropy, log_prob = _draw_counted(loss, p, logits.detach(), tgt, logp=logp)
+    scale = 1.0 if loss.temperature == 1.0 else 1.0 / loss.temperature
+    lp = _DrawLogProb.apply(logits, log_prob.float(), p, idx, tgt, loss.ignore_index, scale)
+    return lp, confusion, greedy, entropy
+
+
 def _fused_credit(form, p, samples, target, group_counts, group, ignore_index):
     """``(credit, p * credit)`` by the fused loop (:mod:`segreward._credit_kernel`): the same
     numbers as :func:`credit_table` averaged over the samples, times ``p``."""
@@ -159,12 +222,13 @@ def _fused_credit(form, p, samples, target, group_counts, group, ignore_index):
     consts = torch.tensor([0.0, float("inf"), float(k)], dtype=p.dtype)
     pc = p.contiguous()
     credit, weighted = torch.empty_like(pc), torch.empty_like(pc)
+    diag = torch.empty(bsz, 2, dtype=torch.float64)
     _credit_kernel.credit_and_weighted(
         pc.view(bsz, c, h * w).numpy(), samples.long().contiguous().view(k, bsz, h * w).numpy(),
         tgt.contiguous().view(bsz, h * w).numpy(), valid.contiguous().view(bsz, h * w).numpy(),
         group.long().numpy(), tables.numpy(), den.numpy(), wpart.numpy(), len(form.parts) > 1,
-        consts.numpy(), credit.view(bsz, c, h * w).numpy(), weighted.view(bsz, c, h * w).numpy())
-    return credit, weighted
+        consts.numpy(), credit.view(bsz, c, h * w).numpy(), weighted.view(bsz, c, h * w).numpy(), diag.numpy())
+    return credit, weighted, diag.sum(0)
 
 
 def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor, form, group_counts: torch.Tensor,
@@ -182,13 +246,20 @@ def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor
     sum_c' p_c' credit_c')``, so autograd keeps one ``[B, C, H, W]`` tensor and never runs the
     softmax backward; the returned value is the surrogate itself.
     """
+    return _local_surrogate(z, samples, target, form, group_counts, ignore_index, probs)[:2]
+
+
+def _local_surrogate(z, samples, target, form, group_counts, ignore_index=255, probs=None):
+    """:func:`local_surrogate`, and the credit's diagnostics ``[2]`` (float64): the sum of
+    ``|credit|`` and the number of labelled pixels whose label's credit is > 0 (from the fused
+    loop when it runs, else from the credit tensor)."""
     k, bsz = samples.shape[:2]
     g = group_counts.shape[1]
     group = torch.arange(bsz, device=z.device) if g == bsz else torch.zeros(bsz, dtype=torch.long, device=z.device)
     with torch.no_grad():
         p = F.softmax(z, dim=1) if probs is None else probs
         if _numba.usable(p):
-            credit, weighted = _fused_credit(form, p, samples, target, group_counts, group, ignore_index)
+            credit, weighted, diag = _fused_credit(form, p, samples, target, group_counts, group, ignore_index)
         else:
             credit = credit_table(form, samples[0], target, group_counts[0], group, ignore_index, p.dtype)
             for j in range(1, k):  # one [B, C, H, W] buffer whatever K is
@@ -196,12 +267,16 @@ def local_surrogate(z: torch.Tensor, samples: torch.Tensor, target: torch.Tensor
             if k > 1:
                 credit.div_(k)
             weighted = p * credit
+            c = credit.shape[1]
+            label_credit = credit.gather(1, target.clamp(0, c - 1).unsqueeze(1))[:, 0]
+            diag = torch.stack([credit.double().abs().sum(),
+                                ((label_credit > 0) & (target != ignore_index)).sum().double()])
         expected = weighted.sum(1, keepdim=True)  # E_c[credit] per pixel
         value = -expected.flatten(1).sum(1)  # [B]
         direction = weighted.sub_(p * expected)  # d(sum_c p_c credit_c) / dz
     per_image = _Surrogate.apply(z, value, direction)  # value of the surrogate, gradient -direction
     per_group = torch.zeros(g, dtype=per_image.dtype, device=per_image.device).index_add(0, group, per_image)
-    return per_group, credit
+    return per_group, credit, diag
 
 
 def compute_advantages(rewards: torch.Tensor, baseline: str = "loo", greedy_reward: torch.Tensor | None = None,
@@ -249,7 +324,11 @@ def _scope_counts(samples: torch.Tensor, target: torch.Tensor, num_classes: int,
     """Counts ``[K, G, C, 3]`` (float64) that each reward of samples ``[K, B, H, W]`` is computed over:
     per image (``G = B``), or ``pooled`` over the batch (``G = 1``; all-reduced across DDP ranks
     when ``sync``)."""
-    cm = sample_confusion(samples, target, num_classes, ignore_index)  # [K, B, C, C]
+    return _confusion_counts(sample_confusion(samples, target, num_classes, ignore_index), pooled, sync)
+
+
+def _confusion_counts(cm: torch.Tensor, pooled: bool, sync: bool) -> torch.Tensor:
+    """:func:`_scope_counts` of confusions ``[K, B, C, C]`` (label row, prediction column)."""
     # (intersection, predicted area, label area), as segreward.credit.counts
     cnt = torch.stack([cm.diagonal(dim1=-2, dim2=-1), cm.sum(-2), cm.sum(-1)], dim=-1).to(torch.float64)
     if not pooled:
@@ -358,7 +437,11 @@ class _SampleEstimator:
     def __call__(self, loss: ReinforceLoss, logits: torch.Tensor, target: torch.Tensor,
                  mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         pooled = loss.scope != "image"
-        if isinstance(loss.sampler, CategoricalSampler) and loss.sampler.temperature == loss.temperature:
+        categorical = isinstance(loss.sampler, CategoricalSampler) and loss.sampler.temperature == loss.temperature
+        if (categorical and loss.form is not None and logits.dtype == torch.float32 and _numba.usable(logits)
+                and loss.num_classes <= 256):
+            return self._fused(loss, logits, target, mask, pooled)
+        if categorical:
             # The policy once, for the samples and the entropy (p = exp(logp) comes back too).
             logp = _policy(logits, loss.sampler.temperature)
             samples, log_prob, p = loss.sampler.draw(logp, loss.k, mask)  # [K, B, H, W], [K, B]
@@ -379,14 +462,8 @@ class _SampleEstimator:
                 if loss.sync:
                     _all_reduce(n_valid)
                 n_valid = n_valid.clamp_min(1)
-            ema = None if torch.isnan(loss.ema) else loss.ema
-            adv = compute_advantages(rewards, loss.baseline, greedy, ema, loss.normalize)
-            m = loss.ema_momentum
-            batch_mean = rewards.mean()
-            loss.ema.copy_(batch_mean if ema is None else m * loss.ema + (1 - m) * batch_mean)
-        value = -(adv * log_prob / n_valid).mean()
-        if pooled and loss.sync:
-            value = value * _world_size()  # DDP averages the ranks' parts of one global sample
+            adv = self._advantages(loss, rewards, greedy)
+        value = self._value(loss, adv, log_prob, n_valid, pooled)
         with torch.no_grad():
             if logp is None:
                 logp = F.log_softmax(logits.float() / loss.temperature, dim=1)
@@ -394,6 +471,47 @@ class _SampleEstimator:
             diagnostics = _read(reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
                                 adv_std=adv.std() if adv.numel() > 1 else 0.0, greedy_reward=greedy.mean(),
                                 entropy=_entropy(p, logp.detach(), mask))
+        return value, diagnostics
+
+    @staticmethod
+    def _advantages(loss, rewards: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+        """The advantages against the loss's baseline; updates its ``ema``."""
+        ema = None if torch.isnan(loss.ema) else loss.ema
+        adv = compute_advantages(rewards, loss.baseline, greedy, ema, loss.normalize)
+        m = loss.ema_momentum
+        batch_mean = rewards.mean()
+        loss.ema.copy_(batch_mean if ema is None else m * loss.ema + (1 - m) * batch_mean)
+        return adv
+
+    @staticmethod
+    def _value(loss, adv, log_prob, n_valid, pooled):
+        value = -(adv * log_prob / n_valid).mean()
+        if pooled and loss.sync:
+            value = value * _world_size()  # DDP averages the ranks' parts of one global sample
+        return value
+
+    def _fused(self, loss, logits, target, mask, pooled):
+        """The same estimator through :func:`_draw_scored`'s one pass (numba, CPU, count rewards)."""
+        log_prob, confusion, greedy_cm, entropy_sum = _draw_scored(loss, logits, target)
+        if pooled:
+            log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
+        with torch.no_grad():
+            if pooled:
+                n_valid = mask.sum().to(log_prob.dtype).reshape(1)
+                if loss.sync:
+                    _all_reduce(n_valid)
+                n_valid = n_valid.clamp_min(1)
+            else:
+                n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
+            before = loss.running_counts.clone() if loss.scope == "running" else None
+            rewards = loss._rewards(None, None, fold=True, confusion=confusion)  # [K, B] or [K, 1]
+            greedy = loss._rewards(None, None, running=before, confusion=greedy_cm)[0]
+            adv = self._advantages(loss, rewards, greedy)
+        value = self._value(loss, adv, log_prob, n_valid, pooled)
+        with torch.no_grad():
+            diagnostics = _read(reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
+                                adv_std=adv.std() if adv.numel() > 1 else 0.0, greedy_reward=greedy.mean(),
+                                entropy=entropy_sum / mask.sum().clamp_min(1))
         return value, diagnostics
 
 
@@ -415,11 +533,21 @@ class _LocalEstimator:
             total = p.sum(1, keepdim=True)
             p.div_(total)
             lse = total.log_().add_(top)[:, 0]
-            samples, argmax = draw_from_probs(p, loss.k, loss.sampler.generator, with_argmax=True)  # [K, B, H, W]
-            greedy = loss._rewards(argmax.unsqueeze(0), target)  # before the running update
-            cnt = loss._with_running(loss._batch_counts(samples, target))
+            # the greedy prediction is the first maximum of the logits, as the sampled estimator's
+            if _numba.usable(p):  # draws, counts and the entropy in one pass
+                samples, confusion, greedy_cm, entropy_sum, _ = _draw_counted(loss, p, z, target, lse=lse)
+                greedy = loss._rewards(None, None, confusion=greedy_cm)  # before the running update
+                cnt = loss._with_running(_confusion_counts(confusion, loss.scope != "image", loss.sync))
+            else:
+                samples = draw_from_probs(p, loss.k, loss.sampler.generator)[0]  # [K, B, H, W]
+                greedy = loss._rewards(first_argmax(z).unsqueeze(0), target)  # before the running update
+                cnt = loss._with_running(loss._batch_counts(samples, target))
+                # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
+                # (a -inf logit, where p = 0, clamped to the lowest finite value: 0 * -inf is 0)
+                entropy_sum = ((lse - torch.linalg.vecdot(p, z.clamp_min(torch.finfo(z.dtype).min), dim=1)) * mask).sum()
             rewards = reward_from_counts(loss.form, cnt[..., 0], cnt[..., 1], cnt[..., 2])  # [K, G]
-        per_group, credit = local_surrogate(z, samples, target, loss.form, cnt, loss.ignore_index, probs=p)
+        per_group, credit, (credit_abs, label_pos) = _local_surrogate(z, samples, target, loss.form, cnt,
+                                                                      loss.ignore_index, probs=p)
         if loss.scope == "image":
             value = per_group.mean()  # gradient of the mean per-image expected reward
         else:
@@ -427,17 +555,14 @@ class _LocalEstimator:
             value = per_group.sum() * (_world_size() if loss.sync else 1)
         with torch.no_grad():
             n = mask.sum().clamp_min(1)
-            label_credit = credit.gather(1, target.clamp(0, loss.num_classes - 1).unsqueeze(1))[:, 0]
             diagnostics = _read(
                 reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
                 greedy_reward=greedy.mean(),
                 # mean |R(y_i := c) - R(y)| over labelled pixels and the C - 1 alternatives
-                credit_abs=torch.linalg.vector_norm(credit, 1) / (n * max(1, loss.num_classes - 1)),
+                credit_abs=credit_abs / (n * max(1, loss.num_classes - 1)),
                 # share of labelled pixels where switching to the label class would raise the reward
-                credit_label_pos=((label_credit > 0) & mask).sum() / n,
-                # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
-                # (a -inf logit, where p = 0, clamped to the lowest finite value: 0 * -inf is 0)
-                entropy=((lse - torch.linalg.vecdot(p, z.clamp_min(torch.finfo(z.dtype).min), dim=1)) * mask).sum() / n)
+                credit_label_pos=label_pos / n,
+                entropy=entropy_sum / n)
         return value, diagnostics
 
 
@@ -590,13 +715,17 @@ class ReinforceLoss(nn.Module):
             self.running_counts.copy_(self.momentum * (running + cnt.mean(0)[0]))
         return total
 
-    def _rewards(self, samples: torch.Tensor, target: torch.Tensor, fold: bool = False,
-                 running: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` at this loss's scope. Scope ``running``:
-        ``fold`` also adds these samples' counts to the running counts (in training); ``running``
-        replaces the running counts read (e.g. those from before a fold)."""
+    def _rewards(self, samples: torch.Tensor | None, target: torch.Tensor | None, fold: bool = False,
+                 running: torch.Tensor | None = None, confusion: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards ``[K, G]`` of samples ``[K, B, H, W]`` at this loss's scope (or of their
+        ``confusion [K, B, C, C]``, already counted). Scope ``running``: ``fold`` also adds these
+        samples' counts to the running counts (in training); ``running`` replaces the running
+        counts read (e.g. those from before a fold)."""
         if self.form is not None:
-            cnt = self._batch_counts(samples, target)
+            if confusion is None:
+                cnt = self._batch_counts(samples, target)
+            else:
+                cnt = _confusion_counts(confusion, self.scope != "image", self.sync)
             if self.scope == "running":
                 if fold:
                     cnt = self._with_running(cnt)
