@@ -1,6 +1,6 @@
-"""The estimators' fused loops (numba): the local credit gives the same loss, gradient and
-diagnostics, bit for bit, as the tensor code (credit_table), in every reward form, scope, K and
-dtype; the categorical draws are the same samples."""
+"""The estimators' fused loops (numba): the local credit gives the same loss and gradient, bit
+for bit, as the tensor code (credit_table), and the same diagnostics up to summation order, in
+every reward form, scope, K and dtype; the categorical draws are the same samples."""
 
 import pytest
 import torch

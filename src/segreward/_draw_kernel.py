@@ -68,8 +68,8 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
     Out: ``idx [K, B, Q]`` uint8, the draws of :func:`draw` (the same sums and comparisons, so the
     same samples); ``confusion [K, B, C, C]`` (label row, sample column) and ``greedy [B, C, C]``
     over labelled pixels; ``entropy [B]`` float64, the sum over labelled pixels of each pixel's
-    entropy, ``-sum_c p log p`` (with ``logp``) or ``lse - sum_c p max(z, lowest)`` (without: no
-    log of a zero probability), each pixel's sum in class order in ``p``'s dtype, as the tensor
+    entropy, ``-sum_c p max(log p, lowest)`` (with ``logp``) or ``lse - sum_c p max(z, lowest)``
+    (without: no log of a zero probability; a -inf clamped, as 0 * -inf is NaN), each pixel's sum in class order in ``p``'s dtype, as the tensor
     code's; with ``logp``, ``log_prob [K, B]`` float64, the sum of ``logp`` at each sample over
     labelled pixels. Counts accumulate into the given arrays (zeros on entry).
 
@@ -95,7 +95,7 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
         if with_logp:
             l0 = logp[b, 0]
             for q in range(q_n):
-                ent[q] = p0[q] * l0[q]
+                ent[q] = p0[q] * max(l0[q], lowest)
         else:
             for q in range(q_n):
                 ent[q] = p0[q] * max(z0[q], lowest)
@@ -117,7 +117,7 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
                 if with_logp:
                     lc = logp[b, c]
                     for q in range(q_n):
-                        ent[q] = ent[q] + pc[q] * lc[q]
+                        ent[q] = ent[q] + pc[q] * max(lc[q], lowest)
                 else:
                     for q in range(q_n):
                         ent[q] = ent[q] + pc[q] * max(zc[q], lowest)

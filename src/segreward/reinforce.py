@@ -63,7 +63,8 @@ def _read(**values: torch.Tensor | float) -> dict[str, float]:
 
 def _entropy(p: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean per-pixel entropy (nats) of the policy over labelled pixels (a 0-dim tensor)."""
-    ent = (p * logp).sum(1).neg_()
+    # a -inf logit (p = 0) clamped to the lowest finite value: 0 * -inf would be NaN
+    ent = (p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(1).neg_()
     return (ent * mask).sum() / mask.sum().clamp_min(1)
 
 
