@@ -77,6 +77,21 @@ def test_before_comes_from_the_fit_and_matches_a_separate_evaluation():
     assert torch.equal(start["confusion"], set_confusion(pixels, torch.zeros(7, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_set_confusion_loop_equals_tensor_code(monkeypatch, dtype):
+    """The fused argmax + confusion (first maximum on ties) against argmax_major + bincount, with
+    tied logits and offsets that make more ties."""
+    z, y = scenes(5, dtype=dtype)
+    pixels = pixel_set(z, y)
+    for b in (torch.zeros(7, dtype=torch.float64), torch.linspace(-1, 1, 7, dtype=torch.float64),
+              torch.tensor([0.5, 0.0, 0.5, 0.0, 0.5, 0.0, 0.5], dtype=torch.float64)):
+        fused = set_confusion(pixels, b)
+        monkeypatch.setattr(_numba, "available", lambda: False)
+        plain = set_confusion(pixels, b)
+        monkeypatch.undo()
+        assert torch.equal(fused, plain) and fused.sum() == (y != 255).sum()
+
+
 def test_switch_off_by_environment():
     code = "from segreward import _numba; print(_numba.available())"
     env = {**os.environ, "SEGREWARD_NUMBA": "0"}

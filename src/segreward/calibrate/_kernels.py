@@ -19,7 +19,7 @@ import numpy as np
 
 from segreward._numba import jit as _jit
 
-__all__ = ["prefix", "bins", "edges", "gather", "moves", "rise", "fall", "top2", "stream_pass"]
+__all__ = ["prefix", "bins", "edges", "gather", "moves", "rise", "fall", "top2", "stream_pass", "confusion", "pair_counts"]
 
 
 @_jit
@@ -283,3 +283,32 @@ def stream_pass(zc, t, b, bins, span, width, hist, confusion):
                 x = bins + 1
             code = (code2 if first else code1) + (2 if lab == k else 0)
             hist[((k * nb + np.int64(x)) * c) * 3 + code] += 1
+
+
+@_jit
+def confusion(zc, t, b, best, arg, out):
+    """Adds to ``out [C, C]`` (label x prediction) the prediction ``argmax_k float64(zc[k]) + b[k]``
+    (first maximum on ties, as ``exact.argmax_major``) of pixels ``zc [C, M]`` with labels ``t``.
+    Class by class over contiguous rows, the running index in int32 lanes and selects (vectorised);
+    ``best [M]`` float64 and ``arg [M]`` int32 are scratch."""
+    c_n, m = zc.shape
+    z0, b0 = zc[0], b[0]
+    for r in range(m):
+        best[r] = np.float64(z0[r]) + b0
+        arg[r] = 0
+    for k in range(1, c_n):
+        zk, bk, kk = zc[k], b[k], np.int32(k)
+        for r in range(m):
+            x = np.float64(zk[r]) + bk
+            take = x > best[r]
+            best[r] = x if take else best[r]
+            arg[r] = kk if take else arg[r]
+    for r in range(m):
+        out[t[r], arg[r]] += 1
+
+
+@_jit
+def pair_counts(t, pred, out):
+    """Adds to ``out [C, C]`` the pixels of each (label ``t``, prediction ``pred``) pair."""
+    for r in range(t.shape[0]):
+        out[t[r], pred[r]] += 1

@@ -200,8 +200,18 @@ def argmax_major(zc: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def set_confusion(pixels: PixelSet, offsets: torch.Tensor) -> torch.Tensor:
-    """``[C, C]`` confusion (label x prediction) of the set's argmax under ``offsets``."""
-    pred = argmax_major(pixels.class_major(), offsets)
+    """``[C, C]`` confusion (label x prediction) of the set's argmax under ``offsets`` (one fused
+    loop on a CPU with numba, :func:`_kernels.confusion`; the same prediction)."""
+    zc = pixels.class_major()
+    if _numba.usable(zc):
+        c, m = zc.shape
+        zc = zc.contiguous()
+        out = torch.zeros(c, c, dtype=torch.long)
+        _kernels.confusion(zc.numpy(), pixels.t.numpy(), offsets.to(torch.float64).contiguous().numpy(),
+                           torch.empty(m, dtype=torch.float64).numpy(), torch.empty(m, dtype=torch.int32).numpy(),
+                           out.numpy())
+        return out
+    pred = argmax_major(zc, offsets)
     return confusion_matrix(pred.view(1, -1), pixels.t.view(1, -1), pixels.num_classes, validate=False)[0]
 
 
@@ -383,9 +393,15 @@ def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound:
     work = SearchWork(t.numel(), t.device, fused=fused)
     history, converged = [], False
     bar = tqdm(range(max_sweeps), desc="calibrate", disable=not progress, leave=False)
-    cnt = counts_of(top.i1, t, c)  # the prediction as it is (first maximum on ties, like argmax)
+    # the prediction as it is (first maximum on ties, like argmax): its confusion and counts
+    if fused:
+        cm0 = torch.zeros(c, c, dtype=torch.long)
+        _kernels.pair_counts(t.numpy(), top.i1.numpy(), cm0.numpy())
+    else:
+        cm0 = confusion_matrix(top.i1.long().view(1, -1), t.view(1, -1), c, validate=False)[0]
+    cnt = torch.stack([cm0.diagonal(), cm0.sum(0), cm0.sum(1)], dim=-1).to(torch.float64)  # as counts_of
     if start is not None:  # the caller's "before": the confusion of that prediction
-        start["confusion"] = confusion_matrix(top.i1.long().view(1, -1), t.view(1, -1), c, validate=False)[0]
+        start["confusion"] = cm0
     reward_now, unchanged = float(reward_from_counts(form, cnt[:, 0], cnt[:, 1], cnt[:, 2])), 0
     offsets = b.tolist()
     for _ in bar:
