@@ -64,12 +64,14 @@ def bins(tau, code, t_lo, width, nb, num_classes, idx, hist, t_max, t_min):
     t_max[:] = -np.inf
     t_min[:] = np.inf
     stride = 3 * num_classes
-    for r in range(tau.shape[0]):
+    top = nb - 1
+    n = tau.shape[0]
+    for r in range(n):  # the bins first, in a loop of their own: its divisions run several at once
+        j = np.int64((tau[r] - t_lo) / width)
+        idx[r] = j if j < top else top
+    for r in range(n):
+        j = np.int64(idx[r])
         x = tau[r]
-        j = np.int64((x - t_lo) / width)
-        if j > nb - 1:
-            j = nb - 1
-        idx[r] = j
         hist[j * stride + code[r]] += 1
         t_max[j] = max(t_max[j], x)  # no branch: thresholds come in no order, a branch mispredicts
         t_min[j] = min(t_min[j], x)
