@@ -13,6 +13,20 @@ __all__ = ["draw"]
 
 
 @jit
+def _add_class(acc, pc, idx, u, b):
+    """One class of image ``b``'s draws: the running sum ``acc += pc`` and, per sample ``k``,
+    ``idx[k, b] += (acc <= u[k, b])`` (whole planes: contiguous, vectorised; called once per
+    class and image, so passing arrays costs nothing measurable)."""
+    q_n = acc.shape[0]
+    for q in range(q_n):
+        acc[q] = acc[q] + pc[q]
+    for k in range(u.shape[0]):
+        ik, uk = idx[k, b], u[k, b]
+        for q in range(q_n):
+            ik[q] += acc[q] <= uk[q]
+
+
+@jit
 def draw(p, u, zero, idx, arg, with_argmax):
     """``p [B, C, Q]``, ``u [K, B, Q]``; writes ``idx [K, B, Q]`` (the number of classes ``c < C-1``
     whose cumulative probability is ``<= u``) and, ``with_argmax``, ``arg [B, Q]`` (first maximum).
@@ -31,13 +45,7 @@ def draw(p, u, zero, idx, arg, with_argmax):
             for q in range(q_n):
                 ik[q] = 0
         for c in range(c_n - 1):
-            pc = p[b, c]
-            for q in range(q_n):
-                acc[q] = acc[q] + pc[q]
-            for k in range(k_n):
-                ik, uk = idx[k, b], u[k, b]
-                for q in range(q_n):
-                    ik[q] += acc[q] <= uk[q]
+            _add_class(acc, p[b, c], idx, u, b)
         if with_argmax:
             # int32 running index and selects, not branches: vectorises (5x faster measured)
             ab = arg[b]
@@ -106,12 +114,7 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
         for c in range(c_n):
             pc = p[b, c]
             if c < c_n - 1:
-                for q in range(q_n):
-                    acc[q] = acc[q] + pc[q]
-                for k in range(k_n):
-                    ik, uk = idx[k, b], u[k, b]
-                    for q in range(q_n):
-                        ik[q] += acc[q] <= uk[q]
+                _add_class(acc, pc, idx, u, b)
             if c > 0:
                 zc, cc = z[b, c], np.int32(c)
                 if with_logp:
