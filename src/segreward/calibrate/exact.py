@@ -357,6 +357,7 @@ class _Top2:
                 getattr(self, name).index_copy_(0, rows, new)
 
 
+@torch.no_grad()  # no gradient to track: the step's ~100 small tensor ops each skip autograd's bookkeeping
 def fit_pixels(pixels: PixelSet, form: CountReward, max_sweeps: int = 20, bound: float | None = None,
                init=None, tol: float = 1e-12, progress: bool = False,
                start: dict | None = None) -> tuple[torch.Tensor, list, bool]:
