@@ -193,6 +193,15 @@ def test_gather_and_moves_match_a_sort_and_a_replay():
             assert (float(i_c[j]), float(p_c[j])) == (float(ci[k]), float(cp[k]))
     assert torch.equal(_running(torch.ones(int(starts[-1]), dtype=torch.float64), sizes, starts[:-1]),
                        torch.cat([torch.arange(1, int(n) + 1, dtype=torch.float64) for n in sizes]))
+    # the moves' rewards: the mIoU loop (fused counts) bit-equal to the tensor code, every reward
+    # form through the shared code path equal whichever counts it is given
+    from segreward.calibrate.search import _after_moves
+    lab = torch.bincount(t.long(), minlength=c).to(torch.float64)
+    for reward in ("miou", "dice", {"miou": 1.0, "pixel_accuracy": 0.5}):
+        form = check_count_form(reward, c)
+        looped = _after_moves(form, t_s, code_s, seg, k, lab, i_b, p_b, starts, fused)
+        tensor = _after_moves(form, t_s, code_s.long(), seg, k, lab, i_b, p_b)
+        assert torch.equal(looped, tensor), reward
 
 
 @pytest.mark.parametrize("seed", range(3))

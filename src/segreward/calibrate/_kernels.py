@@ -19,7 +19,7 @@ import numpy as np
 
 from segreward._numba import jit as _jit
 
-__all__ = ["prefix", "bins", "edges", "gather", "moves", "rise", "fall", "top2", "stream_pass", "confusion", "pair_counts"]
+__all__ = ["prefix", "bins", "edges", "gather", "moves", "rise", "fall", "top2", "stream_pass", "confusion", "pair_counts", "miou_after_moves"]
 
 
 @_jit
@@ -314,3 +314,37 @@ def pair_counts(t, pred, out):
     """Adds to ``out [C, C]`` the pixels of each (label ``t``, prediction ``pred``) pair."""
     for r in range(t.shape[0]):
         out[t[r], pred[r]] += 1
+
+
+@_jit
+def _miou_terms(i, p, lab):
+    """``credit._miou_terms`` of one class's counts, as its tensor code computes them: ``u = (p +
+    l) - i``; ``(i / max(u, 1), 1)`` where ``u > 0``, else ``(0, 0)``."""
+    u = (p + lab) - i
+    if u > 0:
+        return i / max(u, 1.0), 1.0
+    return 0.0, 0.0
+
+
+@_jit
+def miou_after_moves(src, i_src, p_src, hit, i_c, p_c, lab, c, starts, base_a, base_b, out):
+    """``search._after_moves`` for the plain mIoU (one part, no class weight), from
+    :func:`moves`'s counts: the reward after each move, ``out [n]``. The same float64 operations in
+    the same order as the tensor code: the running sums of the source's term changes are one
+    cumulative sum over every move less its value before the segment (``_running``), added to the
+    segment's base (``base_a``/``base_b [S]``: the terms summed over the classes other than ``c``,
+    from torch) and then ``c``'s terms."""
+    lc = lab[c]
+    cs_a, cs_b = 0.0, 0.0
+    for g in range(starts.shape[0] - 1):
+        before_a, before_b = cs_a, cs_b
+        for j in range(starts[g], starts[g + 1]):
+            ls = lab[src[j]]
+            a_new, b_new = _miou_terms(i_src[j], p_src[j], ls)
+            a_old, b_old = _miou_terms(i_src[j] + hit[j], p_src[j] + 1.0, ls)
+            cs_a += a_new - a_old
+            cs_b += b_new - b_old
+            a_c, b_c = _miou_terms(i_c[j], p_c[j], lc)
+            num = (base_a[g] + (cs_a - before_a)) + a_c
+            den = (base_b[g] + (cs_b - before_b)) + b_c
+            out[j] = num / den if den > 0 else 0.0

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from segreward.calibrate import _kernels
-from segreward.credit import CountReward, reward_from_counts
+from segreward.credit import CountReward, _miou_terms, reward_from_counts
 from segreward.errors import SegrewardError
 
 __all__ = ["LineSearch", "line_search", "line_search_full", "reward_curve", "class_terms", "EDGE_MARGIN", "TIE_EPS"]
@@ -182,9 +182,18 @@ def _after_moves(form: CountReward, tau_s: torch.Tensor, code_s: torch.Tensor, s
         starts = torch.cumsum(seg_sizes, 0) - seg_sizes
     else:
         seg_sizes, starts = seg_starts[1:] - seg_starts[:-1], seg_starts[:-1]
+    fused = moved is not None  # the fused loops' counts (CPU, numba)
     if moved is None:
         moved = _move_counts(tau_s, code_s, seg, c, num_classes, i_base, p_base, seg_sizes, starts)
     src, i_src, p_src, hit, ic, pc = moved
+    if fused and seg_starts is not None and form.parts == ((_miou_terms, 1.0),):
+        # the plain mIoU by one loop (the fused counts' path): the same operations, the same bits
+        a0, b0 = _miou_terms(i_base, p_base, lab.expand_as(p_base))
+        out = torch.empty(n, dtype=torch.float64)
+        _kernels.miou_after_moves(src.numpy(), i_src.numpy(), p_src.numpy(), hit.numpy(), ic.numpy(), pc.numpy(),
+                                  lab.numpy(), c, seg_starts.numpy(), (a0.sum(-1) - a0[:, c]).numpy(),
+                                  (b0.sum(-1) - b0[:, c]).numpy(), out.numpy())
+        return out
     l_src = lab[src]
     total, weight = None, 0.0
     for terms, w in form.parts:
