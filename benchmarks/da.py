@@ -452,6 +452,7 @@ def run(args) -> dict:
         previous = old["runs"]
         args.prev_runtime_s = float(old.get("runtime_s", 0.0))
         args.prev_commands = old["config"].get("commands", [])
+        args.prev_processes = int(old["config"].get("processes") or 1)  # a merged file's processes, and this one
     done = {run_key(r) for r in previous}
     budget_n = data["budget"]
     runs: list[dict] = list(previous)
@@ -884,10 +885,12 @@ def _write(out: str | Path, result: dict, plot: str | None = None) -> None:
 
 
 def save(args, runs, data, t_start, weights, partial: bool) -> dict:
-    skip = ("out", "prev_runtime_s", "prev_commands", "work", "argv")
+    skip = ("out", "prev_runtime_s", "prev_commands", "prev_processes", "work", "argv")
     cfg = {k: v for k, v in vars(args).items() if k not in skip}
     cfg["command"] = "python benchmarks/da.py " + " ".join(args.argv)
     cfg["commands"] = list(getattr(args, "prev_commands", [])) + [cfg["command"]]
+    if getattr(args, "prev_processes", 1) > 1:  # appended to a merged file: its processes and this one
+        cfg["processes"] = args.prev_processes + 1
     cfg["classes"] = data["classes"]
     cfg["reward_class_weights"] = weights
     cfg["frames"] = data["frames"]
@@ -931,7 +934,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     cfg["seeds"] = sorted({r["seed"] for r in runs.values()})
     cfg["lrs"] = sorted({float(v) for res in results for v in res["config"]["lrs"]})
     cfg["commands"] = [c for res in results for c in res["config"]["commands"]]
-    cfg["processes"] = len(results)
+    cfg["processes"] = sum(int(res["config"].get("processes") or 1) for res in results)  # merged files count theirs
     result = {"runs": list(runs.values()), "summary": summarize(list(runs.values())), "config": cfg,
               "runtime_s": round(sum(r["runtime_s"] for r in results), 1),
               "complete": all(r["complete"] for r in results)}
