@@ -27,6 +27,18 @@ def _add_class(acc, pc, idx, u, b):
 
 
 @jit
+def _max_class(best, arg, row, c):
+    """One class of a running first maximum: where ``row > best``, ``best = row`` and ``arg = c``.
+    ``arg`` is int32: a select between a float and a byte lane does not vectorise (5x slower,
+    measured), nor do branches."""
+    cc = np.int32(c)
+    for q in range(best.shape[0]):
+        take = row[q] > best[q]
+        best[q] = row[q] if take else best[q]
+        arg[q] = cc if take else arg[q]
+
+
+@jit
 def draw(p, u, zero, idx, arg, with_argmax):
     """``p [B, C, Q]``, ``u [K, B, Q]``; writes ``idx [K, B, Q]`` (the number of classes ``c < C-1``
     whose cumulative probability is ``<= u``) and, ``with_argmax``, ``arg [B, Q]`` (first maximum).
@@ -47,18 +59,13 @@ def draw(p, u, zero, idx, arg, with_argmax):
         for c in range(c_n - 1):
             _add_class(acc, p[b, c], idx, u, b)
         if with_argmax:
-            # int32 running index and selects, not branches: vectorises (5x faster measured)
             ab = arg[b]
             p0 = p[b, 0]
             for q in range(q_n):
                 best[q] = p0[q]
                 a32[q] = 0
             for c in range(1, c_n):
-                pc, cc = p[b, c], np.int32(c)
-                for q in range(q_n):
-                    take = pc[q] > best[q]
-                    best[q] = pc[q] if take else best[q]
-                    a32[q] = cc if take else a32[q]
+                _max_class(best, a32, p[b, c], c)
             for q in range(q_n):
                 ab[q] = a32[q]
 
@@ -77,12 +84,11 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
     same samples); ``confusion [K, B, C, C]`` (label row, sample column) and ``greedy [B, C, C]``
     over labelled pixels; ``entropy [B]`` float64, the sum over labelled pixels of each pixel's
     entropy, ``-sum_c p max(log p, lowest)`` (with ``logp``) or ``lse - sum_c p max(z, lowest)``
-    (without: no log of a zero probability; a -inf clamped, as 0 * -inf is NaN), each pixel's sum in class order in ``p``'s dtype, as the tensor
-    code's; with ``logp``, ``log_prob [K, B]`` float64, the sum of ``logp`` at each sample over
+    (without: no log of a zero probability; a -inf clamped, as 0 * -inf is NaN), each pixel's sum
+    in class order in ``p``'s dtype, as the tensor code's; with ``logp``, ``log_prob [K, B]`` float64, the sum of ``logp`` at each sample over
     labelled pixels. Counts accumulate into the given arrays (zeros on entry).
 
-    Class by class over whole planes, as :func:`draw`. The argmax is kept as int32, not uint8: a
-    select between a float and a byte lane does not vectorise (measured 5x slower)."""
+    Class by class over whole planes, as :func:`draw` (the running maximum by :func:`_max_class`)."""
     k_n, b_n, q_n = u.shape
     c_n = p.shape[1]
     with_logp = logp.shape[0] > 0
@@ -116,7 +122,7 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
             if c < c_n - 1:
                 _add_class(acc, pc, idx, u, b)
             if c > 0:
-                zc, cc = z[b, c], np.int32(c)
+                zc = z[b, c]
                 if with_logp:
                     lc = logp[b, c]
                     for q in range(q_n):
@@ -124,10 +130,7 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
                 else:
                     for q in range(q_n):
                         ent[q] = ent[q] + pc[q] * max(zc[q], lowest)
-                for q in range(q_n):
-                    take = zc[q] > best[q]
-                    best[q] = zc[q] if take else best[q]
-                    arg[q] = cc if take else arg[q]
+                _max_class(best, arg, zc, c)
         tb = target[b]
         total = 0.0
         lp[:] = 0.0

@@ -439,23 +439,27 @@ class _SampleEstimator:
                  mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         pooled = loss.scope != "image"
         categorical = isinstance(loss.sampler, CategoricalSampler) and loss.sampler.temperature == loss.temperature
+        samples = greedy_pred = confusion = greedy_cm = entropy_sum = logp = p = None
         if (categorical and loss.form is not None and logits.dtype == torch.float32 and _numba.usable(logits)
                 and loss.num_classes <= 256):
-            return self._fused(loss, logits, target, mask, pooled)
-        if categorical:
-            # The policy once, for the samples and the entropy (p = exp(logp) comes back too).
-            logp = _policy(logits, loss.sampler.temperature)
-            samples, log_prob, p = loss.sampler.draw(logp, loss.k, mask)  # [K, B, H, W], [K, B]
+            # draws, log-probabilities, the samples' and the greedy prediction's confusions and the
+            # entropy in one pass (numba, CPU, count rewards): the same samples and counts
+            log_prob, confusion, greedy_cm, entropy_sum = _draw_scored(loss, logits, target)
         else:
-            samples, log_prob = loss.sampler(logits, loss.k, mask)
-            logp = p = None
+            if categorical:
+                # The policy once, for the samples and the entropy (p = exp(logp) comes back too).
+                logp = _policy(logits, loss.sampler.temperature)
+                samples, log_prob, p = loss.sampler.draw(logp, loss.k, mask)  # [K, B, H, W], [K, B]
+            else:
+                samples, log_prob = loss.sampler(logits, loss.k, mask)
+            greedy_pred = first_argmax(logits).unsqueeze(0)
         if pooled:
             # One reward per sample of the whole (global) batch: the batch is one image.
             log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
         with torch.no_grad():
             before = loss.running_counts.clone() if loss.scope == "running" else None
-            rewards = loss._rewards(samples, target, fold=True)  # [K, B] or [K, 1]
-            greedy = loss._rewards(first_argmax(logits).unsqueeze(0), target, running=before)[0]
+            rewards = loss._rewards(samples, target, fold=True, confusion=confusion)  # [K, B] or [K, 1]
+            greedy = loss._rewards(greedy_pred, target, running=before, confusion=greedy_cm)[0]
             if not pooled:
                 n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
             else:
@@ -463,56 +467,25 @@ class _SampleEstimator:
                 if loss.sync:
                     _all_reduce(n_valid)
                 n_valid = n_valid.clamp_min(1)
-            adv = self._advantages(loss, rewards, greedy)
-        value = self._value(loss, adv, log_prob, n_valid, pooled)
-        with torch.no_grad():
-            if logp is None:
-                logp = F.log_softmax(logits.float() / loss.temperature, dim=1)
-                p = logp.exp()
-            diagnostics = _read(reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
-                                adv_std=adv.std() if adv.numel() > 1 else 0.0, greedy_reward=greedy.mean(),
-                                entropy=_entropy(p, logp.detach(), mask))
-        return value, diagnostics
-
-    @staticmethod
-    def _advantages(loss, rewards: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-        """The advantages against the loss's baseline; updates its ``ema``."""
-        ema = None if torch.isnan(loss.ema) else loss.ema
-        adv = compute_advantages(rewards, loss.baseline, greedy, ema, loss.normalize)
-        m = loss.ema_momentum
-        batch_mean = rewards.mean()
-        loss.ema.copy_(batch_mean if ema is None else m * loss.ema + (1 - m) * batch_mean)
-        return adv
-
-    @staticmethod
-    def _value(loss, adv, log_prob, n_valid, pooled):
+            ema = None if torch.isnan(loss.ema) else loss.ema
+            adv = compute_advantages(rewards, loss.baseline, greedy, ema, loss.normalize)
+            m = loss.ema_momentum
+            batch_mean = rewards.mean()
+            loss.ema.copy_(batch_mean if ema is None else m * loss.ema + (1 - m) * batch_mean)
         value = -(adv * log_prob / n_valid).mean()
         if pooled and loss.sync:
             value = value * _world_size()  # DDP averages the ranks' parts of one global sample
-        return value
-
-    def _fused(self, loss, logits, target, mask, pooled):
-        """The same estimator through :func:`_draw_scored`'s one pass (numba, CPU, count rewards)."""
-        log_prob, confusion, greedy_cm, entropy_sum = _draw_scored(loss, logits, target)
-        if pooled:
-            log_prob = log_prob.sum(1, keepdim=True)  # [K, 1]
         with torch.no_grad():
-            if pooled:
-                n_valid = mask.sum().to(log_prob.dtype).reshape(1)
-                if loss.sync:
-                    _all_reduce(n_valid)
-                n_valid = n_valid.clamp_min(1)
+            if entropy_sum is not None:
+                entropy = entropy_sum / mask.sum().clamp_min(1)
             else:
-                n_valid = mask.flatten(1).sum(1).clamp_min(1).to(log_prob.dtype)
-            before = loss.running_counts.clone() if loss.scope == "running" else None
-            rewards = loss._rewards(None, None, fold=True, confusion=confusion)  # [K, B] or [K, 1]
-            greedy = loss._rewards(None, None, running=before, confusion=greedy_cm)[0]
-            adv = self._advantages(loss, rewards, greedy)
-        value = self._value(loss, adv, log_prob, n_valid, pooled)
-        with torch.no_grad():
+                if logp is None:
+                    logp = F.log_softmax(logits.float() / loss.temperature, dim=1)
+                    p = logp.exp()
+                entropy = _entropy(p, logp.detach(), mask)
             diagnostics = _read(reward_mean=rewards.mean(), reward_std=rewards.std(0).mean() if loss.k > 1 else 0.0,
                                 adv_std=adv.std() if adv.numel() > 1 else 0.0, greedy_reward=greedy.mean(),
-                                entropy=entropy_sum / mask.sum().clamp_min(1))
+                                entropy=entropy)
         return value, diagnostics
 
 

@@ -305,8 +305,7 @@ def confusion(zc, t, b, best, arg, out):
             take = x > best[r]
             best[r] = x if take else best[r]
             arg[r] = kk if take else arg[r]
-    for r in range(m):
-        out[t[r], arg[r]] += 1
+    pair_counts(t, arg, out)
 
 
 @_jit
