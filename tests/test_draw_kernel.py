@@ -107,3 +107,35 @@ def test_fused_gradient_is_the_score_function():
     (weights * lp).sum().backward()
     torch.testing.assert_close(log_prob.detach(), lp.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(zz.grad, ref.grad, rtol=1e-5, atol=1e-6)  # float32 cancellation
+
+
+@pytest.mark.parametrize("estimator", ["sample", "local"])
+def test_fused_estimators_beyond_256_classes(monkeypatch, estimator):
+    """More classes than a byte holds: the fused draws keep every class id (int32 samples), so
+    losses, gradients and rewards equal the tensor code's."""
+    z, y = _inputs(4, b=2, c=300, h=6, w=7)
+    # labels among the classes past 255 and logits that mostly agree with them: the rewards are
+    # far from 0, and most samples are class ids a byte cannot hold
+    g = torch.Generator().manual_seed(5)
+    y = torch.where(y == 255, y, torch.randint(250, 300, y.shape, generator=g))
+    z = z.scatter_add(1, y.clamp(max=299).unsqueeze(1), torch.full((2, 1, 6, 7), 6.0))
+    kw = dict(k=2, estimator=estimator)
+    if estimator == "local":  # _step builds the sampled estimator; the local one by hand
+        def run(fused):
+            if not fused:
+                monkeypatch.setattr(_numba, "available", lambda: False)
+            loss = ReinforceLoss(300, **kw)
+            torch.manual_seed(5)
+            zz = z.clone().requires_grad_()
+            value = loss(zz, y)
+            value.backward()
+            monkeypatch.undo()
+            return value.item(), zz.grad, dict(loss.diagnostics)
+        a, b = run(True), run(False)
+        assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2]["reward_mean"] == b[2]["reward_mean"]
+        assert a[2]["reward_mean"] > 0.1
+        return
+    (fused, _), (plain, _) = _step(monkeypatch, True, z, y, steps=1, k=2), _step(monkeypatch, False, z, y, steps=1, k=2)
+    assert fused[0][0] == pytest.approx(plain[0][0], rel=1e-5, abs=1e-9)
+    torch.testing.assert_close(fused[0][1], plain[0][1], rtol=1e-5, atol=1e-9)
+    assert fused[0][2]["reward_mean"] == plain[0][2]["reward_mean"] and fused[0][2]["reward_mean"] > 0.1

@@ -80,13 +80,14 @@ def draw_scored(p, z, u, target, ignore, logp, lse, idx, log_prob, confusion, gr
     ``logp [B, C, Q]`` (the sampled estimator: ``log p``) or, with ``logp`` empty, ``lse [B, Q]``
     (the local estimator: ``log sum exp z``).
 
-    Out: ``idx [K, B, Q]`` uint8, the draws of :func:`draw` (the same sums and comparisons, so the
-    same samples); ``confusion [K, B, C, C]`` (label row, sample column) and ``greedy [B, C, C]``
-    over labelled pixels; ``entropy [B]`` float64, the sum over labelled pixels of each pixel's
-    entropy, ``-sum_c p max(log p, lowest)`` (with ``logp``) or ``lse - sum_c p max(z, lowest)``
-    (without: no log of a zero probability; a -inf clamped, as 0 * -inf is NaN), each pixel's sum
-    in class order in ``p``'s dtype, as the tensor code's; with ``logp``, ``log_prob [K, B]`` float64, the sum of ``logp`` at each sample over
-    labelled pixels. Counts accumulate into the given arrays (zeros on entry).
+    Out: ``idx [K, B, Q]`` (uint8; int32 beyond 256 classes), the draws of :func:`draw` (the same
+    sums and comparisons, so the same samples); ``confusion [K, B, C, C]`` (label row, sample
+    column) and ``greedy [B, C, C]`` over labelled pixels; ``entropy [B]`` float64, the sum over
+    labelled pixels of each pixel's entropy, ``-sum_c p max(log p, lowest)`` (with ``logp``) or
+    ``lse - sum_c p max(z, lowest)`` (without: no log of a zero probability; a -inf clamped, as 0 *
+    -inf is NaN), each pixel's sum in class order in ``p``'s dtype, as the tensor code's; with
+    ``logp``, ``log_prob [K, B]`` float64, the sum of ``logp`` at each sample over labelled pixels.
+    Counts accumulate into the given arrays (zeros on entry).
 
     Class by class over whole planes, as :func:`draw` (the running maximum by :func:`_max_class`)."""
     k_n, b_n, q_n = u.shape

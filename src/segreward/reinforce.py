@@ -175,14 +175,14 @@ def _draw_counted(loss, p: torch.Tensor, z: torch.Tensor, target: torch.Tensor, 
                   lse: torch.Tensor | None = None):
     """K categorical draws from ``p [B, C, H, W]`` and their counts in one fused pass
     (:func:`_draw_kernel.draw_scored`, numba): the same samples as ``draw_from_probs`` (the same
-    uniforms and sums). Returns ``(samples [K, B, H, W] uint8, confusion [K, B, C, C],
-    greedy confusion [1, B, C, C] (of the first maximum of ``z``), the entropy's sum over
-    labelled pixels, log_prob [K, B] float64)``; the entropy from ``logp`` or ``lse``, as
-    the kernel's, and ``log_prob`` only with ``logp`` (else zeros)."""
+    uniforms and sums). Returns ``(samples [K, B, H, W] uint8 (int32 beyond 256 classes),
+    confusion [K, B, C, C], greedy confusion [1, B, C, C] (of the first maximum of ``z``), the
+    entropy's sum over labelled pixels, log_prob [K, B] float64)``; the entropy from ``logp`` or
+    ``lse``, as the kernel's, and ``log_prob`` only with ``logp`` (else zeros)."""
     b, c, h, w = p.shape
     k = loss.k
     u = uniforms(k, b, h, w, p.device, loss.sampler.generator)
-    idx = torch.empty(k, b, h, w, dtype=torch.uint8)
+    idx = torch.empty(k, b, h, w, dtype=torch.uint8 if c <= 256 else torch.int32)  # as draw_from_probs
     log_prob = torch.zeros(k, b, dtype=torch.float64)
     confusion = torch.zeros(k, b, c, c, dtype=torch.long)
     greedy = torch.zeros(1, b, c, c, dtype=torch.long)
@@ -440,8 +440,7 @@ class _SampleEstimator:
         pooled = loss.scope != "image"
         categorical = isinstance(loss.sampler, CategoricalSampler) and loss.sampler.temperature == loss.temperature
         samples = greedy_pred = confusion = greedy_cm = entropy_sum = logp = p = None
-        if (categorical and loss.form is not None and logits.dtype == torch.float32 and _numba.usable(logits)
-                and loss.num_classes <= 256):
+        if categorical and loss.form is not None and logits.dtype == torch.float32 and _numba.usable(logits):
             # draws, log-probabilities, the samples' and the greedy prediction's confusions and the
             # entropy in one pass (numba, CPU, count rewards): the same samples and counts
             log_prob, confusion, greedy_cm, entropy_sum = _draw_scored(loss, logits, target)
@@ -518,7 +517,8 @@ class _LocalEstimator:
                 cnt = loss._with_running(loss._batch_counts(samples, target))
                 # -sum p log p = logsumexp(z) - sum p z: no log of (near-)zero probabilities
                 # (a -inf logit, where p = 0, clamped to the lowest finite value: 0 * -inf is 0)
-                entropy_sum = ((lse - torch.linalg.vecdot(p, z.clamp_min(torch.finfo(z.dtype).min), dim=1)) * mask).sum()
+                p_z = torch.linalg.vecdot(p, z.clamp_min(torch.finfo(z.dtype).min), dim=1)
+                entropy_sum = ((lse - p_z) * mask).sum()
             rewards = reward_from_counts(loss.form, cnt[..., 0], cnt[..., 1], cnt[..., 2])  # [K, G]
         per_group, credit, (credit_abs, label_pos) = _local_surrogate(z, samples, target, loss.form, cnt,
                                                                       loss.ignore_index, probs=p)
