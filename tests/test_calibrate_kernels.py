@@ -249,3 +249,45 @@ def test_fused_streaming_pass_equals_tensor_pass(monkeypatch, classes, dtype):
     plain = one_pass()
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     assert int(fused[1].sum()) == int((y != 255).sum()) * 4 // 3  # every labelled pixel once (3 + 1 images)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 7, 8, 11, 16, 19, 33, 64, 150, 257, 1000, 4103])
+def test_row_sum_replays_torch_sum(length):
+    """The class sums of the fused search (``_search_kernel.row_sum``) equal torch's ``sum(-1)``
+    bit for bit, on rows other than the ones ``sum_lanes`` chose the width on; a left-to-right
+    sum does not (the reason for replaying torch's order)."""
+    from segreward.calibrate._search_kernel import row_sum, sum_lanes
+    lanes = sum_lanes(length)
+    if not lanes:
+        pytest.skip(f"no vector width replays torch's sum of {length} values on this machine (the tensor code runs)")
+    g = torch.Generator().manual_seed(1000 + length)
+    x = torch.rand(200, length, generator=g, dtype=torch.float64) * torch.exp(
+        3 * torch.randn(200, length, generator=g, dtype=torch.float64))
+    x[::5, ::2] = 0.0  # absent classes: zero terms
+    acc = torch.empty(16 * lanes, dtype=torch.float64).numpy()
+    got = torch.tensor([row_sum(row, lanes, acc) for row in x.numpy()], dtype=torch.float64)
+    assert torch.equal(got, x.sum(-1))
+    if length >= 5:
+        assert not torch.equal(x.cumsum(-1)[:, -1], x.sum(-1))
+
+
+@pytest.mark.parametrize("lanes", ["found", "none"])
+def test_plain_miou_search_in_one_loop_equals_tensor_code(monkeypatch, lanes):
+    """The plain mIoU's steps run through ``_search_kernel.miou_search`` (counted), with the same
+    offsets, history and rewards as the tensor code; where no width replays torch's sum the fused
+    path keeps the per-op search, with the same numbers."""
+    from segreward.calibrate import _search_kernel
+    if lanes == "none":
+        monkeypatch.setattr(_search_kernel, "sum_lanes", lambda length: 0)
+    calls, search = [], _search_kernel.miou_search
+    monkeypatch.setattr(_search_kernel, "miou_search", lambda *a: calls.append(1) or search(*a))
+    z, y = scenes(21, scale=2.0)
+    for kw in ({}, {"bound": 0.4}, {"init": torch.linspace(-1.0, 1.0, 7)}):
+        calls.clear()
+        fused = fit_offsets(z, y, reward="miou", **kw)
+        assert (len(calls) > 0) == (lanes == "found")
+        with monkeypatch.context() as m:
+            m.setattr(_numba, "available", lambda: False)
+            plain = fit_offsets(z, y, reward="miou", **kw)
+        assert fused.offsets.tolist() == plain.offsets.tolist() and fused.history == plain.history, kw
+        assert fused.reward_after == plain.reward_after and fused.scores_after == plain.scores_after

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from segreward.calibrate import _kernels
+from segreward.calibrate import _kernels, _search_kernel
 from segreward.credit import CountReward, _miou_terms, reward_from_counts
 from segreward.errors import SegrewardError
 
@@ -306,6 +306,12 @@ class SearchWork:
             self.flag = torch.empty(m, dtype=torch.uint8, device=device)
         self._per_bins: dict = {}
 
+    def scratch(self, m: int):
+        """``(t_s, code_s, after)``: :func:`_search_kernel.miou_search`'s ``[M]`` arrays (fused)."""
+        if not hasattr(self, "after"):
+            self.after = torch.empty(self.t_s.numel(), dtype=torch.float64)
+        return self.t_s[:m].numpy(), self.code_s[:m].numpy(), self.after[:m].numpy()
+
     def take(self, m: int):
         """``(scaled, idx, key, flag)`` for ``m`` pixels (the tensor code's)."""
         return self.scaled[:m], self.idx[:m], self.key[:m], self.flag[:m]
@@ -385,6 +391,12 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     # (tau - t_lo) / width >= 0: truncation (the float -> int copy) is the floor.
     if work.fused:  # two loops: bins, histogram, each bin's extreme thresholds; the edge counts
         idx, t_max, t_min, p_e, i_e, size = work.fused_bins(tau, code, t_lo, (t_hi - t_lo) / nb, nb, num_classes, c)
+        lanes = _search_kernel.sum_lanes(num_classes) if form.parts == ((_miou_terms, 1.0),) else 0
+        if lanes:  # the plain mIoU: the rest of the step in one loop (the same numbers, see _search_kernel)
+            return _search_kernel.miou_search(
+                tau.numpy(), code.numpy(), idx.numpy(), t_max.numpy(), t_min.numpy(), p_e.numpy(), i_e.numpy(),
+                size.numpy(), lab.numpy(), c, _GROUP, eps, tol, bound is not None, float(bound or 0.0), float(current),
+                float(current_reward), EDGE_MARGIN, lanes, *work.scratch(m))
     else:
         scaled, idx, key, flag_of = work.take(m)
         idx.copy_(torch.sub(tau, t_lo, out=scaled).div_((t_hi - t_lo) / nb)).clamp_(max=nb - 1)
