@@ -370,7 +370,8 @@ def bounded_search(form: CountReward, tau, code, c: int, label_area, current: fl
     range, the promising groups of bins and bins, the number of pixels in those bins and the
     result (see ``tests``: a fixed number of reads per step, whatever the number of pixels).
     ``work``: buffers for the ``[M]`` arrays (and the fused CPU loops); ``t_range``: the
-    thresholds' ``(min, max)`` when already known.
+    thresholds' ``(min, max)`` when already known. With the fused loops and the plain mIoU,
+    everything after the histogram is one loop (:func:`_search_kernel.miou_search`, the same numbers).
     """
     m, num_classes, dev = tau.numel(), label_area.numel(), tau.device
     lab = label_area.to(torch.float64)
