@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segreward._numba import jit as _jit
-from segreward.calibrate._kernels import _miou_terms, gather
+from segreward.calibrate._kernels import _miou_terms, gather, miou_after_moves, moves
 
 __all__ = ["row_sum", "sum_lanes", "miou_search"]
 
@@ -147,7 +147,7 @@ def miou_search(tau, code, idx, t_max, t_min, p_e, i_e, size, lab, c, group, eps
     The rewards at every ``group``-th edge and a bound per group of bins; the inner edges of the
     groups whose bound reaches the best found less ``tol``, and the pixels of their bins whose own
     bound beats it by more than ``tol`` (gathered and sorted by :func:`_kernels.gather`), moved one
-    by one from their bin's lower edge (``_kernels.moves`` with ``miou_after_moves``'s sums); then
+    by one from their bin's lower edge (:func:`_kernels.moves`, :func:`_kernels.miou_after_moves`); then
     the middle of the best interval, the one nearest ``current`` among those within ``tol`` of it
     (``search._best_interval``). Candidates are taken in the tensor code's order (the coarse
     edges, the inner edges, the moves), every value by the same float64 operations.
@@ -213,40 +213,23 @@ def miou_search(tau, code, idx, t_max, t_min, p_e, i_e, size, lab, c, group, eps
             starts[s + 1] = starts[s] + size[bins[s]]
         n = starts[n_bins]
         gather(idx, tau, code, seg_of_bin, starts, t_s, code_s)
-        # each move's reward (moves + miou_after_moves): running sums of the source's term changes
-        # over every move, less their value before the segment
-        ci, cp = np.empty(nc), np.empty(nc)
-        lc = lab[c]
-        cs_a, cs_b = 0.0, 0.0
+        # each move's counts and reward (the fallback's loops), the segments' bases summed here
+        i_b, p_b = np.empty((n_bins, nc)), np.empty((n_bins, nc))
+        base_a, base_b = np.empty(n_bins), np.empty(n_bins)
         for s in range(n_bins):
             e = bins[s]
+            i_b[s], p_b[s] = i_e[e], p_e[e]
             _terms_row(i_e[e], p_e[e], lab, a, b, False)
-            base_a = row_sum(a, lanes, acc) - a[c]
-            base_b = row_sum(b, lanes, acc) - b[c]
-            for k in range(nc):
-                ci[k], cp[k] = i_e[e, k], p_e[e, k]
-            before_a, before_b = cs_a, cs_b
+            base_a[s] = row_sum(a, lanes, acc) - a[c]
+            base_b[s] = row_sum(b, lanes, acc) - b[c]
+        src = np.empty(n, dtype=np.int64)
+        i_src, p_src, hit, i_c, p_c = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+        moves(code_s[:n], starts, c, i_b, p_b, src, i_src, p_src, hit, i_c, p_c)
+        miou_after_moves(src, i_src, p_src, hit, i_c, p_c, lab, c, starts, base_a, base_b, after[:n])
+        for s in range(n_bins):  # reachable when the next pixel of its bin lies more than eps above
             for j in range(starts[s], starts[s + 1]):
-                src = code_s[j] // 3
-                state = code_s[j] - 3 * src
-                hit = 1.0 if state == 1 else 0.0
-                ci[src] -= hit
-                cp[src] -= 1.0
-                if state == 2:
-                    ci[c] += 1.0
-                cp[c] += 1.0
-                ls = lab[src]
-                a_new, b_new = _miou_terms(ci[src], cp[src], ls)
-                a_old, b_old = _miou_terms(ci[src] + hit, cp[src] + 1.0, ls)
-                cs_a += a_new - a_old
-                cs_b += b_new - b_old
-                a_c, b_c = _miou_terms(ci[c], cp[c], lc)
-                num = (base_a + (cs_a - before_a)) + a_c
-                den = (base_b + (cs_b - before_b)) + b_c
-                r = num / den if den > 0 else 0.0
-                # reachable when the next pixel of its bin lies more than eps above
-                last = j + 1 == starts[s + 1]
-                after[j] = -inf if last or not (t_s[j + 1] - t_s[j] > eps) else r
+                if j + 1 == starts[s + 1] or not (t_s[j + 1] - t_s[j] > eps):
+                    after[j] = -inf
     # the best interval (search._best_interval over the candidates in order)
     top = -inf
     for q in range(n_cand):
