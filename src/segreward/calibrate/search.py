@@ -299,6 +299,7 @@ class SearchWork:
             self.idx = torch.empty(m, dtype=torch.int16)
             self.t_s = torch.empty(m, dtype=torch.float64)
             self.code_s = torch.empty(m, dtype=torch.int32)
+            self.after = None  # miou_search's move rewards, allocated on first use (see scratch)
         else:
             self.idx = torch.empty(m, dtype=torch.long, device=device)
             self.key = torch.empty(m, dtype=torch.long, device=device)
@@ -308,7 +309,7 @@ class SearchWork:
 
     def scratch(self, m: int):
         """``(t_s, code_s, after)``: :func:`_search_kernel.miou_search`'s ``[M]`` arrays (fused)."""
-        if not hasattr(self, "after"):
+        if self.after is None:
             self.after = torch.empty(self.t_s.numel(), dtype=torch.float64)
         return self.t_s[:m].numpy(), self.code_s[:m].numpy(), self.after[:m].numpy()
 
