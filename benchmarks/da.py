@@ -406,10 +406,23 @@ def run_stage(cfg: dict, data: dict, train_set: InMemoryDataset, args, reuse_key
     return out
 
 
+def read_result(path: str | Path, option: str = "") -> dict:
+    """A result file of this script (a run or ``--merge``; the ``.json`` suffix may be left off),
+    or a clear error naming the file (and the option that named it)."""
+    path = Path(path).with_suffix(".json")
+    try:
+        res = json.loads(path.read_text())
+        res["runs"], res["summary"], res["config"]  # noqa: B018  (the parts every reader uses)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{option + ' ' if option else ''}{path}: not a result file of benchmarks/da.py "
+                         f"({type(e).__name__}: {e})") from None
+    return res
+
+
 def chosen_lrs_from(path: str, budget: int | None = None) -> dict[tuple[str, str], float]:
     """``(protocol, method) -> chosen lr`` of an earlier result file (``--lrs-from``), at label
     budget ``budget`` (``--lrs-budget``; None: the file must hold one budget per protocol)."""
-    res = json.loads(Path(path).with_suffix(".json").read_text())
+    res = read_result(path, "--lrs-from")
     rows = [r for r in res["summary"]["rows"] if r["lr"] is not None]
     budgets = sorted({r.get("budget") for r in rows}, key=lambda b: -1 if b is None else b)
     if budget is None and len(budgets) > 1:
@@ -454,6 +467,8 @@ def run(args) -> dict:
         args.prev_commands = old["config"].get("commands", [])
         args.prev_processes = int(old["config"].get("processes") or 1)  # a merged file's processes, and this one
     done = {run_key(r) for r in previous}
+    for path in args.skip_runs_in or []:  # runs another file holds: not run again, not copied (--merge pools them)
+        done |= {run_key(r) for r in read_result(path, "--skip-runs-in")["runs"]}
     budget_n = data["budget"]
     runs: list[dict] = list(previous)
     temp_work = args.work is None
@@ -908,7 +923,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     """Combine result files of one pair that differ only in their seeds, label budgets, methods or
     lr grids (e.g. seeds split over parallel processes) into one result: runs pooled, commands
     listed, runtimes added up."""
-    results = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
+    results = [read_result(p, "--merge") for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
               "source_lrs", "uda_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",
               "write_split",
@@ -981,6 +996,9 @@ def parse(argv=None):
                    help="run each method only at the lrs chosen in this result file (its own and its +cal pipeline's)")
     p.add_argument("--lrs-budget", type=int, default=None,
                    help="with --lrs-from: take the lrs chosen at this label budget (e.g. chosen at 64, reused at 16)")
+    p.add_argument("--skip-runs-in", nargs="+", default=None, metavar="RESULT",
+                   help="do not run again what these result files hold (same pair, budget, protocol, method, seed, "
+                        "lr); e.g. a grid extended over a merged result; --merge pools them afterwards")
     p.add_argument("--steps", "--extra-steps", dest="extra_steps", type=int, default=200,
                    help="after_ce budget of every method (steps)")
     p.add_argument("--source-steps", type=int, default=200)

@@ -13,13 +13,12 @@ file, so a table in the README is reproduced by this command.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from da import CAL, STARTS, LABELLED, UDA, _ci, _sections, paired  # noqa: E402
+from da import CAL, STARTS, LABELLED, UDA, _ci, _sections, paired, read_result  # noqa: E402
 
 NAMES = {"source_only": "source only", "ce_finetuned": "CE fine-tuned start (no extra steps)", "ce": "extra CE",
          "lovasz": "Lovász", "ce_lovasz": "CE + Lovász 1:1",
@@ -89,12 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--protocol", default=None, help="only this protocol")
     p.add_argument("--budget", type=int, default=None, help="only this label budget")
     args = p.parse_args(argv)
-    path = Path(args.result).with_suffix(".json")  # as da.py's --out and --merge name it
-    try:
-        data = json.loads(path.read_text())
-        summary, runs = data["summary"], data["runs"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"{path}: not a result file of benchmarks/da.py ({e})")
+    data = read_result(args.result)  # the .json suffix as da.py's --out and --merge leave it off
+    summary, runs = data["summary"], data["runs"]
     for protocol, budget in _sections(summary):  # the order of da.py's own report
         if (args.protocol and protocol != args.protocol) or (args.budget is not None and budget != args.budget):
             continue

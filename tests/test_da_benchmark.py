@@ -207,6 +207,17 @@ def test_benchmark_end_to_end_with_a_test_split(bench, load_benchmark, tmp_path,
     lz = next(r for r in merged["summary"]["rows"] if r["protocol"] == "after_ce" and r["method"] == "lovasz")
     assert lz["lr_chosen_on_seeds"] == ([0, 1, 5] if len(chosen) == 2 else [0, 1])  # seed 5: both lrs or one
     assert "the sum over 2 processes" in (tmp_path / "res" / "merged.md").read_text()
+    # --skip-runs-in: a grid extended over an earlier file runs only what that file lacks
+    ext = tmp_path / "res" / "extended"
+    bench.run(bench.parse(first + ["--seeds", "5", "--protocols", "after_ce", "--methods", "lovasz",
+                                   "--lrs", "1e-3", "3e-3", "1e-4", "--skip-runs-in", str(other), "--out", str(ext)]))
+    new = {(r["method"], r["lr"]) for r in json.loads(ext.with_suffix(".json").read_text())["runs"]}
+    had = {(r["method"], r["lr"]) for r in five}
+    grid = {(m + c, lr) for m in ("ce", "lovasz") for c in ("", "+cal") for lr in (1e-3, 3e-3, 1e-4)}
+    assert new.isdisjoint(had) and new | (had - {("ce_finetuned", None), ("ce_finetuned+cal", None)}) == grid
+    assert ("lovasz", 1e-4) in new and ("ce_finetuned", None) not in new
+    with pytest.raises(SystemExit, match=r"--skip-runs-in .*lr\.json: not a result file of benchmarks/da\.py"):
+        bench.run(bench.parse(first + ["--seeds", "5", "--skip-runs-in", str(tmp_path / "lr.png")]))
     # the README's compact tables come from the file: means, paired Δ and calibration's own effect
     tables = load_benchmark("verdict_tables")
     first_run = tmp_path / "res" / "first.json"  # the file as the first run wrote it (before --append)
