@@ -64,7 +64,9 @@ that n (two-sided 5% test, 80% power: (t_0.975 + t_0.8) x sd / sqrt(n)).
         --work runs/da_idd --out runs/da_idd_s0 --append
 
 writes ``runs/da_idd_s0.json`` and ``.md``, rewritten after every run (``--append`` resumes;
-``--merge`` pools processes that ran other seeds, budgets, methods or lr grids). Reproducible:
+``--merge`` pools processes that ran other seeds, budgets, methods or lr grids;
+``--skip-runs-in RESULT`` runs only what RESULT lacks, e.g. one more lr over a merged grid, and
+``--lrs-from RESULT --lrs-budget 64`` only the lrs chosen there). Reproducible:
 the same command, seed and ``--threads`` give the same numbers (every stage, batch order, flip,
 sample and evaluation is seeded; ``torch.use_deterministic_algorithms``).
 """
