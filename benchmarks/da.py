@@ -928,7 +928,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     results = [read_result(p, "--merge") for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
               "source_lrs", "uda_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",
-              "write_split",
+              "write_split", "skip_runs_in",
               "processes", "frames", "reward_class_weights", "num_classes"}
 
     def settings(cfg):  # the tune frames vary with the budget; the selection and evaluation roles may not

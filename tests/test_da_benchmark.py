@@ -216,6 +216,8 @@ def test_benchmark_end_to_end_with_a_test_split(bench, load_benchmark, tmp_path,
     grid = {(m + c, lr) for m in ("ce", "lovasz") for c in ("", "+cal") for lr in (1e-3, 3e-3, 1e-4)}
     assert new.isdisjoint(had) and new | (had - {("ce_finetuned", None), ("ce_finetuned+cal", None)}) == grid
     assert ("lovasz", 1e-4) in new and ("ce_finetuned", None) not in new
+    pooled = bench.merge([str(out), str(other), str(ext)], str(tmp_path / "res" / "pooled"))["runs"]
+    assert {(r["method"], r["lr"]) for r in pooled if r["seed"] == 5} == grid | {("ce_finetuned", None), ("ce_finetuned+cal", None)}
     with pytest.raises(SystemExit, match=r"--skip-runs-in .*lr\.json: not a result file of benchmarks/da\.py"):
         bench.run(bench.parse(first + ["--seeds", "5", "--skip-runs-in", str(tmp_path / "lr.png")]))
     # the README's compact tables come from the file: means, paired Δ and calibration's own effect
