@@ -859,8 +859,12 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
               if len({c["lr"] for c in summ["cells"] if (c["protocol"], c.get("budget")) == (p, b) and c["lr"]}) > 1]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (p, b) in zip(axes[0], panels):
+    ncols = min(3, len(panels))  # a grid of panels, not one long strip
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (p, b) in zip(axes.flat, panels):
         cells = [c for c in summ["cells"] if (c["protocol"], c.get("budget")) == (p, b)]
         rows = {(p, r["method"]): r for r in summ["rows"] if (r["protocol"], r.get("budget")) == (p, b)}
         bases = sorted({c["method"].removesuffix(CAL) for c in cells if c["lr"] is not None}, key=_order)
