@@ -452,18 +452,12 @@ def run(args) -> dict:
     # Same command, seed and thread count -> same numbers (CPU kernels are deterministic at a
     # fixed thread count; on CUDA this also picks deterministic kernels where torch has them).
     torch.use_deterministic_algorithms(True, warn_only=True)
-    data = load_data(args)
-    args.num_classes = data["num_classes"]
-    tune = data["target_tune"]
-    weights = reward_weights_from(tune.labels, args.num_classes)
-    methods = {p: methods_of(p, args.methods) for p in args.protocols}
-    budget = {"after_ce": args.extra_steps, "from_source": args.source_steps, "uda": args.uda_steps}
+    # the result files it was given are read first: a bad one fails before minutes of decoding
     chosen = chosen_lrs_from(args.lrs_from, args.lrs_budget) if args.lrs_from else None
-    plan = {(p, m): lr_plan(args, p, m, chosen) for p in methods for m in methods[p]}
     out_json = Path(args.out).with_suffix(".json")
     previous: list[dict] = []
     if args.append and out_json.exists():
-        old = json.loads(out_json.read_text())
+        old = read_result(out_json, "--append --out")
         previous = old["runs"]
         args.prev_runtime_s = float(old.get("runtime_s", 0.0))
         args.prev_commands = old["config"].get("commands", [])
@@ -471,6 +465,13 @@ def run(args) -> dict:
     done = {run_key(r) for r in previous}
     for path in args.skip_runs_in or []:  # runs another file holds: not run again, not copied (--merge pools them)
         done |= {run_key(r) for r in read_result(path, "--skip-runs-in")["runs"]}
+    methods = {p: methods_of(p, args.methods) for p in args.protocols}
+    plan = {(p, m): lr_plan(args, p, m, chosen) for p in methods for m in methods[p]}
+    data = load_data(args)
+    args.num_classes = data["num_classes"]
+    tune = data["target_tune"]
+    weights = reward_weights_from(tune.labels, args.num_classes)
+    budget = {"after_ce": args.extra_steps, "from_source": args.source_steps, "uda": args.uda_steps}
     budget_n = data["budget"]
     runs: list[dict] = list(previous)
     temp_work = args.work is None

@@ -220,6 +220,11 @@ def test_benchmark_end_to_end_with_a_test_split(bench, load_benchmark, tmp_path,
     assert {(r["method"], r["lr"]) for r in pooled if r["seed"] == 5} == grid | {("ce_finetuned", None), ("ce_finetuned+cal", None)}
     with pytest.raises(SystemExit, match=r"--skip-runs-in .*lr\.json: not a result file of benchmarks/da\.py"):
         bench.run(bench.parse(first + ["--seeds", "5", "--skip-runs-in", str(tmp_path / "lr.png")]))
+    broken = tmp_path / "res" / "broken.json"
+    broken.write_text("{not json")  # an --out file that --append cannot read is named, and left as it was
+    with pytest.raises(SystemExit, match=r"--append --out .*broken\.json: not a result file"):
+        bench.run(bench.parse(first + ["--seeds", "5", "--append", "--out", str(broken.with_suffix(""))]))
+    assert broken.read_text() == "{not json"
     # the README's compact tables come from the file: means, paired Δ and calibration's own effect
     tables = load_benchmark("verdict_tables")
     first_run = tmp_path / "res" / "first.json"  # the file as the first run wrote it (before --append)
