@@ -36,7 +36,14 @@ not change the batches):
 * ``after_ce``    from ``ce``, ``--steps`` more steps of each method on the tune labels;
 * ``from_source`` from ``src``, ``--source-steps`` steps of each method on the tune labels;
 * ``uda``         from ``src``, ``--uda-steps`` steps without target labels, against the
-                  pseudo-labels of the frozen ``src`` model (``pseudo_label.enabled``).
+                  pseudo-labels of the frozen ``src`` model (``pseudo_label.enabled``);
+* ``semi``        from ``ce``, ``--semi-steps`` steps of each method on the tune labels *and* the
+                  target frames without labels (the uda pool minus the tune frames), those
+                  against the pseudo-labels of the frozen ``ce`` model
+                  (``pseudo_label.only_unlabelled``); the tune frames are repeated to make up
+                  ``--semi-labelled`` (0.5) of the training set. Semi-supervised: its rows are
+                  also compared with after_ce's ``ce`` and ``lovasz`` (``after_ce:ce``), the
+                  baselines that use the labels alone.
 
 Every run (and each start checkpoint) also gets a ``<method>+cal`` row: class offsets fitted on
 the tune frames (``calibrate_model``, reward mIoU, exact), folded into the classifier's bias, the
@@ -103,11 +110,13 @@ from _common import machine_info, write_result  # noqa: E402  (benchmarks/ is no
 IGNORE = 255
 DAY, DUSK = ("0006R0", "0016E5"), "0001TP"
 PAIRS = ("camvid_dusk", "camvid_idd")
-PROTOCOLS = ("after_ce", "from_source", "uda")
+PROTOCOLS = ("after_ce", "from_source", "uda", "semi")
 SCOPES = ("image", "batch", "running")
 LABELLED = ["ce", "lovasz", "ce_lovasz", "local_batch", "local_batch_ce"]
 UDA = ["self_training", "local_pseudo_batch"]
-REFERENCE = {"after_ce": "ce", "from_source": "ce", "uda": "self_training"}
+REFERENCE = {"after_ce": "ce", "from_source": "ce", "uda": "self_training", "semi": "ce"}
+# semi-supervised runs are also compared with these protocols' baselines (labels alone, same start)
+CROSS = {"semi": "after_ce"}
 STARTS = ("source_only", "ce_finetuned")
 CAL = "+cal"
 LRS = [1e-4, 3e-4, 1e-3, 3e-3]
@@ -119,8 +128,9 @@ DIAG_ORDER = ("reward_mean", "reward_std", "adv_std", "greedy_reward", "credit_a
 
 
 # ----------------------------------------------------------------------------- methods
-def method_loss(method: str, args, reward_weights: list[float]) -> dict:
-    """The trainer config sections (``loss``, ``pseudo_label``) of a method name."""
+def method_loss(method: str, args, reward_weights: list[float], protocol: str = "after_ce") -> dict:
+    """The trainer config sections (``loss``, ``pseudo_label``) of a method name (in ``semi``:
+    pseudo-labels for the frames without labels only)."""
     pseudo = method == "self_training" or "_pseudo_" in method
     name = "ce" if method == "self_training" else method.replace("_pseudo_", "_")
     parts = name.split("_")
@@ -147,6 +157,8 @@ def method_loss(method: str, args, reward_weights: list[float]) -> dict:
         loss["reward"], loss["reward_class_weight"] = "weighted_miou", reward_weights
     if "kl" in flags:
         loss["kl_weight"] = args.kl_weight
+    if protocol == "semi":
+        return {"loss": loss, "pseudo_label": {"enabled": True, "only_unlabelled": True, "threshold": args.threshold}}
     return {"loss": loss, "pseudo_label": {"enabled": pseudo, "threshold": args.threshold}}
 
 
@@ -317,6 +329,23 @@ def unlabelled(ds: InMemoryDataset) -> InMemoryDataset:
                            None, ds.names)
 
 
+def semi_set(data: dict, labelled: float) -> tuple[InMemoryDataset, str]:
+    """The semi protocol's training set: the tune frames (labels kept), repeated to make up about
+    ``labelled`` of it, and the target frames without labels outside them; and its description."""
+    tune, pool = data["target_tune"], data["target_unlabelled"]
+    names = set(tune.names)
+    keep = [i for i, n in enumerate(pool.names) if n not in names]
+    if not keep:
+        raise SystemExit("--protocols semi: this pair has no target frames without labels beyond the tune frames "
+                         f"({data['frames']['target_unlabelled']})")
+    extra = pool.subset(keep)
+    reps = max(1, round(labelled / (1 - labelled) * len(extra) / len(tune)))
+    text = (f"the {len(tune)} tune frames (labels kept) x {reps} + {len(extra)} target frames without labels "
+            f"(pseudo-labels of the frozen CE fine-tuned model): {data['frames']['target_unlabelled']} minus the "
+            "tune frames")
+    return concat([tune] * reps + [extra]), text
+
+
 def concat(parts: list[InMemoryDataset]) -> InMemoryDataset:
     return InMemoryDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
                            parts[0].classes, parts[0].ignore_index, None, [n for p in parts for n in p.names])
@@ -437,7 +466,8 @@ def chosen_lrs_from(path: str, budget: int | None = None) -> dict[tuple[str, str
 def lr_plan(args, protocol: str, method: str, chosen: dict | None) -> list[float]:
     """The lrs a method runs at: its protocol's grid, or (``--lrs-from``) the lrs chosen there for
     the method and for its ``+cal`` pipeline."""
-    grid = {"after_ce": args.lrs, "from_source": args.source_lrs or args.lrs, "uda": args.uda_lrs or args.lrs}[protocol]
+    grid = {"after_ce": args.lrs, "from_source": args.source_lrs or args.lrs, "uda": args.uda_lrs or args.lrs,
+            "semi": args.semi_lrs or args.lrs}[protocol]
     if chosen is None:
         return list(grid)
     picked = [chosen.get((protocol, method)), chosen.get((protocol, method + CAL))]
@@ -471,12 +501,15 @@ def run(args) -> dict:
     args.num_classes = data["num_classes"]
     tune = data["target_tune"]
     weights = reward_weights_from(tune.labels, args.num_classes)
-    budget = {"after_ce": args.extra_steps, "from_source": args.source_steps, "uda": args.uda_steps}
+    budget = {"after_ce": args.extra_steps, "from_source": args.source_steps, "uda": args.uda_steps,
+              "semi": args.semi_steps}
     budget_n = data["budget"]
+    if "semi" in methods:
+        data["target_semi"], data["frames"]["target_semi"] = semi_set(data, args.semi_labelled)
     runs: list[dict] = list(previous)
     temp_work = args.work is None
     work_root = Path(tempfile.mkdtemp(prefix="da_")) if temp_work else Path(args.work)
-    finetune = "after_ce" in methods  # the CE fine-tuned checkpoint is the start of after_ce only
+    finetune = "after_ce" in methods or "semi" in methods  # the CE fine-tuned checkpoint starts these two
     per_seed = args.pretrain_steps + finetune * args.finetune_steps + sum(len(v) * budget[p]
                                                                           for (p, _), v in plan.items())
     print(f"pair {args.pair}: source {len(data['source'])}, target tune {len(tune)}, selection {len(data['target_select'])}, "
@@ -539,6 +572,8 @@ def run(args) -> dict:
             # identical batches and flips for every method and lr of this seed
             seeded = {"after_ce": tune.seeded(seed + 2), "from_source": tune.seeded(seed + 2),
                       "uda": data["target_unlabelled"].seeded(seed + 2)}
+            if "semi" in methods:
+                seeded["semi"] = data["target_semi"].seeded(seed + 2)
             for protocol in args.protocols:
                 steps = budget[protocol]
                 lrs = list(dict.fromkeys(lr for m in methods[protocol] for lr in plan[(protocol, m)]))
@@ -553,7 +588,8 @@ def run(args) -> dict:
                     t0 = time.perf_counter()
                     work = bdir / protocol / method / f"lr{lr:g}"
                     cfg = run_config(args, work, seed + 2, "tune", steps, lr,
-                                     ce if protocol == "after_ce" else src, method_loss(method, args, weights))
+                                     ce if protocol in ("after_ce", "semi") else src,
+                                     method_loss(method, args, weights, protocol))
                     bar.set_postfix_str(f"seed {seed} {protocol} {method} lr {lr:g}")
                     s = run_stage(cfg, data, seeded[protocol], args)
                     diag = diagnostics(work)
@@ -606,12 +642,21 @@ def choose_lr(cells: dict) -> tuple[float | None, list[int]]:
 
 
 def references(protocol: str, method: str) -> list[str]:
-    """What a row is compared with: the protocol's reference, ``ce`` and ``lovasz``; a calibrated
-    pipeline also with their calibrated pipelines (like for like)."""
+    """What a row is compared with: the protocol's reference, ``ce`` and ``lovasz`` (in semi also
+    after_ce's, named ``after_ce:ce``); a calibrated pipeline also with their calibrated pipelines
+    (like for like)."""
     refs = [REFERENCE[protocol], "ce", "lovasz"]
+    if protocol in CROSS:
+        refs += [f"{CROSS[protocol]}:{r}" for r in ("ce", "lovasz")]
     if method.endswith(CAL):
         refs += [r + CAL for r in refs]
     return list(dict.fromkeys(refs))
+
+
+def _ref_group(protocol: str, ref: str) -> tuple[str, str]:
+    """``(protocol, method)`` of a reference name (``after_ce:ce`` names another protocol's)."""
+    other, _, method = ref.rpartition(":")
+    return (other or protocol), method
 
 
 def paired(diffs: list[float]) -> dict:
@@ -658,13 +703,14 @@ def summarize(runs: list[dict]) -> dict:
         row["target_IoU"] = [round(float(v), 2) for v in np.mean([r["target_IoU"] for r in rs], 0)]
         row["vs"] = {}
         for ref in references(p, m):
-            if ref == m or (p, b, ref) not in groups:
+            rp, rm = _ref_group(p, ref)
+            if ref == m or (rp, b, rm) not in groups:
                 continue
-            ref_rows = groups[(p, b, ref)][best[(p, b, ref)][0]]
+            ref_rows = groups[(rp, b, rm)][best[(rp, b, rm)][0]]
             common = sorted(set(by_seed) & set(ref_rows))
             if not common:
                 continue
-            d = {"ref_lr": best[(p, b, ref)][0], "seeds": common}
+            d = {"ref_lr": best[(rp, b, rm)][0], "seeds": common}
             for side in ("target", "source"):
                 st = paired([by_seed[s][f"{side}_mIoU"] - ref_rows[s][f"{side}_mIoU"] for s in common])
                 d.update({f"{side}_{k}": v for k, v in st.items()})
@@ -674,6 +720,7 @@ def summarize(runs: list[dict]) -> dict:
         rows.append(row)
     budgets = sorted({r["budget"] for r in rows if r["protocol"] == "after_ce"}, key=lambda v: -1 if v is None else v)
     goals = [g for g in (goal(rows, budget=b) for b in budgets) if g]
+    goals += [g for b in budgets for g in [goal(rows, protocol="semi", budget=b)] if g]
     return {"cells": cells, "rows": rows, "goals": goals}
 
 
@@ -689,6 +736,7 @@ def goal(rows: list[dict], protocol: str = "after_ce", budget: int | None = None
     if not cands:
         return None
     best = max(cands, key=lambda r: r["select_mean"])
+    base = f"{CROSS[protocol]}:" if protocol in CROSS else ""  # the baselines: labels alone, after CE fine-tuning
 
     def ok(d, margin):
         return bool(d and len(d["seeds"]) >= min_seeds and d["target_diff_mean"] >= margin and d["target_ci95"]
@@ -697,11 +745,13 @@ def goal(rows: list[dict], protocol: str = "after_ce", budget: int | None = None
     def brief(d):
         return d and {"mean": d["target_diff_mean"], "std": d["target_diff_std"], "n": len(d["seeds"]),
                       "ci95": d["target_ci95"], "mde": d["target_mde"]}
-    ce, lz = best["vs"].get("ce"), best["vs"].get("lovasz")
+    ce, lz = best["vs"].get(base + "ce"), best["vs"].get(base + "lovasz")
     ok_ce, ok_lz = ok(ce, over_ce), ok(lz, over_lovasz)
+    same = {f"vs_{protocol}_{k}": brief(best["vs"].get(k)) for k in ("ce", "ce" + CAL)} if base else {}
     return {"protocol": protocol, "budget": budget, "best": best["method"], "lr": best["lr"],
             "vs_ce": brief(ce), "vs_lovasz": brief(lz),
-            "vs_ce_cal": brief(best["vs"].get("ce" + CAL)), "vs_lovasz_cal": brief(best["vs"].get("lovasz" + CAL)),
+            "vs_ce_cal": brief(best["vs"].get(base + "ce" + CAL)),
+            "vs_lovasz_cal": brief(best["vs"].get(base + "lovasz" + CAL)), **same,
             "met_vs_ce": ok_ce, "met_vs_lovasz": ok_lz,
             "met": ok_ce and ok_lz,
             "criterion": f"Δ vs ce >= {over_ce:g} and Δ vs lovasz >= {over_lovasz:g}, each seed-paired with n >= "
@@ -760,6 +810,8 @@ def markdown(result: dict) -> str:
              f"- source evaluation (scored): {fr['source_eval']}"]
     if "target_unlabelled" in fr and "uda" in ran:
         lines.append(f"- uda training (no labels): {fr['target_unlabelled']}")
+    if "target_semi" in fr and "semi" in ran:
+        lines.append(f"- semi training: {fr['target_semi']}")
     lines.append("")
     if optimistic:
         lines += ["**No test split here: the target numbers below are the selection split's, on which each "
@@ -771,8 +823,8 @@ def markdown(result: dict) -> str:
               f"Steps (batch {cfg['batch']}): pretrain {cfg['pretrain_steps']} (lr {cfg['pretrain_lr']}), "
               f"CE fine-tune {cfg['finetune_steps']} (lr {cfg['lr']}), then per method run: "
               + ", ".join(f"{p} {cfg[k]}" for p, k in (("after_ce", "extra_steps"), ("from_source", "source_steps"),
-                                                       ("uda", "uda_steps")) if p in ran)
-              + (f" (pseudo-label threshold {cfg['threshold']})" if "uda" in ran else "") + "; lr grids: "
+                                                       ("uda", "uda_steps"), ("semi", "semi_steps")) if p in ran)
+              + (f" (pseudo-label threshold {cfg['threshold']})" if {"uda", "semi"} & ran else "") + "; lr grids: "
               + ", ".join(f"{p} {sorted({c['lr'] for c in summ['cells'] if c['protocol'] == p and c['lr']})}"
                           for p in PROTOCOLS if p in ran) + ". `ce_lovasz` = Lovász + CE 1:1; `_ce` = CE anchor of weight "
               f"{cfg['ce_anchor']}; local methods: loss.estimator=local, K=1. `+cal` = the run's model with class "
@@ -791,7 +843,7 @@ def markdown(result: dict) -> str:
             return f"{v['mean']:+.2f}{ci} (n={v['n']})"
         lines += ["## Goal", ""]
         for g in goals:
-            lines.append(f"- budget {g['budget']}: criterion {g['criterion']}. Best reward-optimising pipeline by "
+            lines.append(f"- {g['protocol']}, budget {g['budget']}: criterion {g['criterion']}. Best reward-optimising pipeline by "
                          f"mean selection mIoU: **{g['best']}** (lr {_lr(g['lr'])}): Δ vs ce {fmt(g['vs_ce'])}, Δ vs "
                          f"lovasz {fmt(g['vs_lovasz'])} -> **{'met' if g['met'] else 'not met'}**"
                          + (f"; like for like, Δ vs ce+cal {fmt(g.get('vs_ce_cal'))}, vs lovasz+cal "
@@ -932,7 +984,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     listed, runtimes added up."""
     results = [read_result(p, "--merge") for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
-              "source_lrs", "uda_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",
+              "source_lrs", "uda_lrs", "semi_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",
               "write_split", "skip_runs_in",
               "processes", "frames", "reward_class_weights", "num_classes"}
 
@@ -979,7 +1031,8 @@ def parse(argv=None):
     p.add_argument("--eval-root", default=None,
                    help="score the target on this folder of the target's layout instead (tuning unchanged)")
     p.add_argument("--eval-split", default="test", help="split of --eval-root (camvid_dusk: of --root) to score")
-    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS[:3]), choices=PROTOCOLS,
+                   help="default: after_ce from_source uda (semi needs target frames without labels: camvid_idd)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"subset of methods (default: {' '.join(LABELLED)}; uda: {' '.join(UDA)}); "
                         "the reference (ce / self_training) always runs")
@@ -997,6 +1050,7 @@ def parse(argv=None):
                    help="lr grid of every after_ce method (and of from_source/uda unless given)")
     p.add_argument("--source-lrs", nargs="+", type=float, default=None, help="lr grid of from_source (default --lrs)")
     p.add_argument("--uda-lrs", nargs="+", type=float, default=None, help="lr grid of uda (default --lrs)")
+    p.add_argument("--semi-lrs", nargs="+", type=float, default=None, help="lr grid of semi (default --lrs)")
     p.add_argument("--order", default="lr", choices=["lr", "method"],
                    help="per seed: all methods at one lr, then the next lr (lr), or each method's whole grid in turn")
     p.add_argument("--lrs-from", default=None, metavar="RESULT",
@@ -1010,6 +1064,9 @@ def parse(argv=None):
                    help="after_ce budget of every method (steps)")
     p.add_argument("--source-steps", type=int, default=200)
     p.add_argument("--uda-steps", type=int, default=200)
+    p.add_argument("--semi-steps", type=int, default=200)
+    p.add_argument("--semi-labelled", type=float, default=0.5,
+                   help="semi: the share of the training set the (repeated) tune frames make up")
     p.add_argument("--threshold", type=float, default=0.8, help="pseudo-label confidence threshold")
     p.add_argument("--ce-anchor", type=float, default=1.0, help="CE weight of the _ce methods (loss.ce_weight)")
     p.add_argument("--k", type=int, default=4, help="samples per image of the sampled reinforce_* methods")
@@ -1031,6 +1088,8 @@ def parse(argv=None):
                         "--out; trains nothing")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if not 0 < args.semi_labelled < 1:
+        p.error(f"--semi-labelled {args.semi_labelled}: the labelled share must lie between 0 and 1")
     for m in args.methods or []:  # method names are checked before any data is read
         try:
             method_loss(m, args, [])

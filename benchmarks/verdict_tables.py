@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from da import CAL, STARTS, LABELLED, UDA, _ci, _sections, paired, read_result  # noqa: E402
+from da import CAL, CROSS, STARTS, LABELLED, UDA, _ci, _sections, paired, read_result  # noqa: E402
 
 NAMES = {"source_only": "source only", "ce_finetuned": "CE fine-tuned start (no extra steps)", "ce": "extra CE",
          "lovasz": "Lovász", "ce_lovasz": "CE + Lovász 1:1",
@@ -45,17 +45,25 @@ def _goal_part(d: dict | None) -> str:
 def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
     rows = {r["method"]: r for r in summary["rows"] if r["protocol"] == protocol and r["budget"] == budget}
     ref = "ce" if protocol != "uda" else "self_training"
-    name = NAMES[ref]  # the protocol's reference: extra CE, or self-training without labels
+    # the protocol's reference: extra CE, self-training without labels, or (semi) CE on the labels
+    # and the pseudo-labels; semi is also set against after_ce's extra CE, which uses the labels alone
+    name = NAMES[ref] if protocol != "semi" else "CE on labels + pseudo-labels"
+    cross = f"{CROSS[protocol]}:ce" if protocol in CROSS else None
+    extra = " Δ vs extra CE (labels alone) [95%] | Δ vs extra CE + cal [95%] |" if cross else ""
     lines = [f"| method (chosen lr; with cal) | n | target mIoU | Δ vs {name} [95%] | + calibration | "
-             f"Δ vs {name} + cal [95%] |", "| --- | --- | --- | --- | --- | --- |"]
+             f"Δ vs {name} + cal [95%] |" + extra, "| --- " * (6 + 2 * bool(cross)) + "|"]
     for m in [m for m in ORDER if m in rows]:
         r, rc = rows[m], rows.get(m + CAL)
         lr = _lr(r) if rc is None or rc["lr"] == r["lr"] else f"{_lr(r)}; {_lr(rc)} with cal"
         vs = r["vs"].get(ref)
         vsc = rc["vs"].get(ref + CAL) if rc else None
         cal = f"{rc['target_mean']:.2f} ± {rc['target_std']:.2f}" if rc else ""
+        more = ""
+        if cross:
+            xs, xc = r["vs"].get(cross), rc["vs"].get(cross + CAL) if rc else None
+            more = f" {_ci(xs) if xs else ''} | {_ci(xc) if xc else ''} |"
         lines.append(f"| {NAMES.get(m, m)} ({lr}) | {r['n']} | {r['target_mean']:.2f} ± {r['target_std']:.2f} | "
-                     f"{_ci(vs) if vs else ''} | {cal} | {_ci(vsc) if vsc else ''} |")
+                     f"{_ci(vs) if vs else ''} | {cal} | {_ci(vsc) if vsc else ''} |" + more)
     # calibration's own effect: the same model (the method at its calibrated pipeline's lr) with and
     # without its offsets
     by = {}
@@ -78,7 +86,10 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
             out += (f"\n\nGoal ({g['criterion']}): best reward pipeline by selection mIoU `{g['best']}` at "
                     f"{_lr(g)}: vs extra CE {_goal_part(g['vs_ce'])}, vs Lovász {_goal_part(g['vs_lovasz'])}; "
                     f"like for like vs extra CE + cal {_goal_part(g['vs_ce_cal'])}, vs Lovász + cal "
-                    f"{_goal_part(g['vs_lovasz_cal'])}: **{'met' if g['met'] else 'not met'}**.")
+                    f"{_goal_part(g['vs_lovasz_cal'])}"
+                    + (f"; vs the same budget of CE on labels + pseudo-labels {_goal_part(g['vs_semi_ce'])}, "
+                       f"calibrated {_goal_part(g['vs_semi_ce+cal'])}" if "vs_semi_ce" in g else "")
+                    + f": **{'met' if g['met'] else 'not met'}**.")
     return out
 
 

@@ -293,3 +293,55 @@ def test_same_command_same_seed_same_numbers(tmp_path):
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 22
     for key in outs[0]:
         assert outs[0][key] == outs[1][key], key
+
+
+def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, capsys):
+    """Pair camvid_idd end to end, with the semi protocol: the tune labels plus the pool's frames
+    without labels (the tune frames left out of those), from the CE fine-tuned start; its rows are
+    paired with after_ce's extra CE and Lovász of the same seed (same start), and the goal of the
+    semi pipelines is judged against those."""
+    from test_idd_lite import make_idd
+    make_camvid(tmp_path / "camvid")
+    make_idd(tmp_path / "idd", {str(s): 3 for s in range(8)}, test=3)
+    out = tmp_path / "res" / "idd"
+    argv = ["--pair", "camvid_idd", "--root", str(tmp_path / "camvid"), "--idd-root", str(tmp_path / "idd"),
+            "--budget", "2", "--eval-frames", "4", "--select-frames", "4", "--seeds", "0", "1",
+            "--size", str(H), str(W), "--width", "8", "--batch", "2", "--pretrain-steps", "2",
+            "--finetune-steps", "2", "--steps", "2", "--semi-steps", "2", "--lrs", "1e-3", "--threshold", "0.1",
+            "--source-eval-every", "1", "--protocols", "after_ce", "semi", "--methods", "ce", "lovasz",
+            "local_batch_ce", "--work", str(tmp_path / "work"), "--out", str(out)]
+    bench.run(bench.parse(argv))
+    saved = json.loads(out.with_suffix(".json").read_text())
+    # 4 pool sequences x 3 frames, 2 of them the tune frames, + 3 unlabelled test frames: 13 without
+    # labels; the 2 labelled frames repeated round(13 / 2) = 6 times make up about half
+    assert saved["config"]["frames"]["target_semi"].startswith("the 2 tune frames (labels kept) x 6 + 13 target")
+    runs = {(r["protocol"], r["method"], r["seed"]): r for r in saved["runs"]}
+    assert {m for p, m, _ in runs if p == "semi"} == {"ce", "ce+cal", "lovasz", "lovasz+cal", "local_batch_ce",
+                                                      "local_batch_ce+cal"}
+    assert runs[("semi", "ce", 0)]["target_mIoU"] != runs[("after_ce", "ce", 0)]["target_mIoU"]
+    assert runs[("semi", "local_batch_ce", 0)]["diag"]["pseudo_fraction"] > 0
+    rows = {(r["protocol"], r["method"]): r for r in saved["summary"]["rows"]}
+    semi = rows[("semi", "local_batch_ce+cal")]
+    assert set(semi["vs"]) == {"ce", "lovasz", "after_ce:ce", "after_ce:lovasz", "ce+cal", "lovasz+cal",
+                               "after_ce:ce+cal", "after_ce:lovasz+cal"}
+    want = [runs[("semi", "local_batch_ce+cal", s)]["target_mIoU"] - runs[("after_ce", "ce", s)]["target_mIoU"]
+            for s in (0, 1)]
+    assert semi["vs"]["after_ce:ce"]["target_diffs"] == [round(v, 3) for v in want]
+    assert "after_ce:ce" not in rows[("after_ce", "lovasz")]["vs"]
+    goals = {g["protocol"]: g for g in saved["summary"]["goals"]}
+    g = goals["semi"]
+    best = rows[("semi", g["best"])]
+    assert g["vs_ce"]["mean"] == pytest.approx(best["vs"]["after_ce:ce"]["target_diff_mean"])
+    assert g["vs_semi_ce"] is not None and not g["met"]  # n = 2
+    assert "- semi, budget 2: criterion" in out.with_suffix(".md").read_text()
+    tables = load_benchmark("verdict_tables")
+    capsys.readouterr()
+    tables.main([str(out), "--protocol", "semi"])
+    text = capsys.readouterr().out
+    assert text.startswith("### semi, budget 2") and "Δ vs extra CE (labels alone) [95%]" in text
+    assert "vs the same budget of CE on labels + pseudo-labels" in text
+    with pytest.raises(SystemExit, match="no target frames without labels beyond the tune frames"):
+        bench.run(bench.parse(["--root", str(tmp_path / "camvid"), "--seeds", "0", "--size", str(H), str(W),
+                               "--protocols", "semi", "--methods", "ce", "--out", str(tmp_path / "res" / "dusk")]))
+    with pytest.raises(SystemExit):
+        bench.parse(argv + ["--semi-labelled", "1"])

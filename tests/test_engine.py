@@ -91,6 +91,33 @@ def test_pseudo_label_tuning_runs_without_labels(tmp_path):
     assert 0 < lines[-1]["pseudo_fraction"] <= 1
 
 
+def test_semi_supervised_pseudo_labels_fill_only_the_frames_without_labels():
+    """pseudo_label.only_unlabelled: a frame with any labelled pixel keeps its labels (its ignored
+    pixels stay ignored); a frame without one gets the teacher's confident argmax."""
+    from types import SimpleNamespace
+
+    from segreward.engine.config import PseudoLabelConfig
+    from segreward.engine.trainer import _Stage
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv2d(3, 4, 1)
+    x = torch.randn(3, 3, 5, 6)
+    y = torch.full((3, 5, 6), 255)
+    y[0] = torch.randint(0, 4, (5, 6))
+    y[0, 0, 0] = 255
+    y[2, 1, 2] = 3  # one labelled pixel: a labelled frame
+    cfg = SimpleNamespace(pseudo_label=PseudoLabelConfig(enabled=True, only_unlabelled=True, threshold=0.3))
+    out = _Stage._pseudo(SimpleNamespace(cfg=cfg, teacher=teacher, ignore_index=255), x, y.clone())
+    assert torch.equal(out[0], y[0]) and torch.equal(out[2], y[2])
+    prob = torch.softmax(teacher(x[1:2]), 1)[0]  # independent reference: softmax, max, threshold
+    want = torch.where(prob.max(0).values >= 0.3, prob.argmax(0), torch.full((5, 6), 255))
+    assert torch.equal(out[1], want) and (want != 255).any() and (want == 255).any()
+    cfg.pseudo_label.only_unlabelled = False  # uda: every frame's labels are replaced
+    every = _Stage._pseudo(SimpleNamespace(cfg=cfg, teacher=teacher, ignore_index=255), x, y.clone())
+    assert not torch.equal(every[0], y[0])
+    with pytest.raises(Exception, match="only_unlabelled=true needs pseudo_label.enabled"):
+        PseudoLabelConfig(only_unlabelled=True)
+
+
 def _write_config(path, cfg):
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -224,12 +224,18 @@ class CalibrateConfig:
 class PseudoLabelConfig:
     """Unsupervised adaptation: train on a teacher's confident predictions instead of labels."""
     enabled: bool = field(default=False, metadata={"help": "ignore the training labels; use pseudo-labels"})
+    only_unlabelled: bool = field(default=False, metadata={
+        "help": "semi-supervised: frames with a labelled pixel keep their labels; only frames without any get "
+                "pseudo-labels"})
     teacher: str = field(default="start", metadata={"help": "start (frozen copy of the starting model) | ema"})
     threshold: float = field(default=0.9, metadata={"help": "pixels whose teacher confidence is lower are ignored"})
     ema_momentum: float = 0.999
 
     def __post_init__(self):
         _choice("pseudo_label.teacher", self.teacher, ("start", "ema"))
+        if self.only_unlabelled and not self.enabled:
+            raise SegrewardError("pseudo_label.only_unlabelled=true needs pseudo_label.enabled=true (it says which "
+                                 "frames get pseudo-labels)")
         _unit("pseudo_label.threshold", self.threshold)
         _unit("pseudo_label.ema_momentum", self.ema_momentum)
 

@@ -346,7 +346,7 @@ class _Stage:
         if isinstance(cal.data, dict):
             ds = build_data(cal.data)
         elif cal.data == "train":
-            if self.cfg.pseudo_label.enabled:
+            if self.cfg.pseudo_label.enabled and not self.cfg.pseudo_label.only_unlabelled:
                 raise SegrewardError("calibrate.data=train: a pseudo-label run does not use its training labels; "
                                      "name a labelled data.val set or give a dataset spec")
             given = (self.given or {}).get("train")
@@ -522,7 +522,7 @@ class _Stage:
             out["data_time"] += time.perf_counter() - t0
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             if self.teacher is not None:
-                y = pseudo_labels(self.teacher, x, y.shape[-2:], cfg.pseudo_label.threshold, self.ignore_index)
+                y = self._pseudo(x, y)
             out["labelled"] += (y != self.ignore_index).sum()
             last_micro = micro == tc.accumulate - 1
             # Only the last micro-step all-reduces gradients (require_backward_grad_sync).
@@ -543,6 +543,19 @@ class _Stage:
             out["total"] += loss.detach()
         out["y"] = y
         return out
+
+    def _pseudo(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The teacher's pseudo-labels for the batch; with ``pseudo_label.only_unlabelled`` only for
+        the frames without a labelled pixel (the others keep their labels: semi-supervised)."""
+        pl = self.cfg.pseudo_label
+        if not pl.only_unlabelled:
+            return pseudo_labels(self.teacher, x, y.shape[-2:], pl.threshold, self.ignore_index)
+        bare = ~(y != self.ignore_index).flatten(1).any(1)
+        if not bare.any():
+            return y
+        y = y.clone()
+        y[bare] = pseudo_labels(self.teacher, x[bare], y.shape[-2:], pl.threshold, self.ignore_index)
+        return y
 
     def _non_finite(self, step: int, out: dict) -> SegrewardError:
         kept = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists()
