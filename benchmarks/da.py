@@ -989,7 +989,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
               "processes", "frames", "reward_class_weights", "num_classes"}
 
     def settings(cfg):  # the tune frames vary with the budget; the selection and evaluation roles may not
-        out = {k: v for k, v in cfg.items() if k not in ignore and v is not None}  # None: an option added later
+        out = {k: v for k, v in cfg.items() if k not in ignore and v is not None}  # None: not set
         if isinstance(out.get("split"), dict):
             out["split"] = {k: v for k, v in out["split"].items() if k != "tune"}
         return out
@@ -997,13 +997,20 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     runs: dict[tuple, dict] = {}
     for path, res in zip(paths, results):
         other = settings(res["config"])
-        if other != base:
-            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+        # a setting only one file has is an option added after the other file was written
+        diff = sorted(k for k in set(base) & set(other) if base[k] != other[k])
+        if diff:
             raise SystemExit(f"{path}: settings differ from {paths[0]} in {diff}; only seeds, budgets, methods and "
                              "lr grids may differ")
         for r in res["runs"]:
             runs.setdefault(run_key(r), r)
     cfg = dict(results[0]["config"])
+    cfg["frames"] = dict(cfg.get("frames", {}))
+    for res in results[1:]:  # options and frame roles that only later files have (e.g. semi's)
+        for k, v in res["config"].items():
+            cfg.setdefault(k, v)
+        for k, v in res["config"].get("frames", {}).items():
+            cfg["frames"].setdefault(k, v)
     cfg["budgets"] = sorted({b for res in results for b in res["config"].get("budgets", [None]) if b is not None})
     cfg["seeds"] = sorted({r["seed"] for r in runs.values()})
     cfg["lrs"] = sorted({float(v) for res in results for v in res["config"]["lrs"]})

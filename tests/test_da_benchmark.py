@@ -340,6 +340,20 @@ def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, ca
     text = capsys.readouterr().out
     assert text.startswith("### semi, budget 2") and "Δ vs extra CE (labels alone) [95%]" in text
     assert "vs the same budget of CE on labels + pseudo-labels" in text
+    # a file written before the semi options existed merges with one that has them (first or not)
+    old = json.loads(json.dumps(saved))
+    old["runs"] = [r for r in old["runs"] if r["protocol"] == "after_ce"]
+    for k in ("semi_steps", "semi_lrs", "semi_labelled"):
+        del old["config"][k]
+    del old["config"]["frames"]["target_semi"]
+    (tmp_path / "res" / "old.json").write_text(json.dumps(old))
+    merged = bench.merge([str(tmp_path / "res" / "old"), str(out)], str(tmp_path / "res" / "merged"))
+    assert merged["config"]["semi_steps"] == 2 and "target_semi" in merged["config"]["frames"]
+    assert merged["summary"]["rows"] == saved["summary"]["rows"]
+    with pytest.raises(SystemExit, match=r"settings differ .* \['semi_labelled'\]"):
+        saved["config"]["semi_labelled"] = 0.25
+        (tmp_path / "res" / "other.json").write_text(json.dumps(saved))
+        bench.merge([str(out), str(tmp_path / "res" / "other")], str(tmp_path / "res" / "bad"))
     with pytest.raises(SystemExit, match="no target frames without labels beyond the tune frames"):
         bench.run(bench.parse(["--root", str(tmp_path / "camvid"), "--seeds", "0", "--size", str(H), str(W),
                                "--protocols", "semi", "--methods", "ce", "--out", str(tmp_path / "res" / "dusk")]))
