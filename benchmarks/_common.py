@@ -18,10 +18,28 @@ from segreward.engine.allocator import keep_freed_memory, malloc_setting
 keep_freed_memory()
 
 
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo``; elsewhere the
+    platform's processor string): two machines of one "kind" may carry different CPUs."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.processor() or platform.machine())
+    numbers = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields)
+    return f"{name} ({numbers})" if numbers else name
+
+
 def machine_info() -> dict:
-    """Facts a timing or a score depends on: versions, processor, threads, load."""
+    """Facts a timing or a score depends on: versions, processor and the vector instructions torch
+    uses on it (``cpu_capability``: AVX2 and AVX-512 kernels sum in other orders, so a CPU run's
+    numbers are reproducible only where it matches), threads, load."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "malloc": malloc_setting()}
     if hasattr(os, "getloadavg"):
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]

@@ -437,6 +437,11 @@ def run_stage(cfg: dict, data: dict, train_set: InMemoryDataset, args, reuse_key
     return out
 
 
+def _sha256(path: str | Path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def read_result(path: str | Path, option: str = "") -> dict:
     """A result file of this script (a run or ``--merge``; the ``.json`` suffix may be left off),
     or a clear error naming the file (and the option that named it)."""
@@ -547,8 +552,11 @@ def run(args) -> dict:
             # what makes a stage's weights: config, data, and the float order (threads, torch build);
             # a stage trained under other threads is another model (issue 20: the 21-frame verdict
             # reused a seed-0 stage trained elsewhere and could not be reproduced)
+            # and the CPU's vector instructions (AVX2 and AVX-512 kernels sum in other orders: the
+            # same seed's CE start differed by 0.8 mIoU between two machines of one kind)
             reuse = {"pair": args.pair, "root": str(Path(args.root).resolve()), "size": list(args.size),
-                     "threads": torch.get_num_threads(), "torch": torch.__version__}
+                     "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "cpu": torch.backends.cpu.get_cpu_capability()}
             t0 = time.perf_counter()
             cfg = run_config(args, sdir / "pretrain", seed, "pretrain", args.pretrain_steps, args.pretrain_lr, None,
                              {"loss": {"type": "ce"}}, args.stage_schedule)
@@ -566,7 +574,9 @@ def run(args) -> dict:
                 cfg = run_config(args, bdir / "finetune", seed + 1, "pretrain", args.finetune_steps, args.lr, src,
                                  {"loss": {"type": "ce"}}, args.stage_schedule)
                 bar.set_postfix_str(f"seed {seed} CE fine-tune")
-                s = run_stage(cfg, data, tune, args, {**reuse, "tune": list(tune.names), "cfg": cfg})
+                # the start's bytes too: a retrained pretrain stage is another start at the same path
+                s = run_stage(cfg, data, tune, args, {**reuse, "tune": list(tune.names), "cfg": cfg,
+                                                      "start_sha256": _sha256(src)})
                 bar.update(args.finetune_steps)
                 record_with_cal("after_ce", "ce_finetuned", seed, None, 0, s, ce, t0=t0)
             # identical batches and flips for every method and lr of this seed

@@ -2,6 +2,7 @@
 method runs through the trainer, --eval-root scores a test split, and the outputs carry the
 seed-paired differences, per-class IoU, diagnostics and which frames were scored."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -185,12 +186,28 @@ def test_benchmark_end_to_end_with_a_test_split(bench, load_benchmark, tmp_path,
     assert not (tmp_path / "work" / "seed0" / "N6" / "after_ce" / "local_batch" / "lr0.001" / "model.safetensors").exists()
     assert (tmp_path / "work" / "seed1" / "N6" / "finetune" / "model.safetensors").exists()
 
-    # --append with the same --work reuses the shared stages and skips the recorded runs
+    # --append with the same --work reuses the shared stages and skips the recorded runs; a stage
+    # trained under other CPU vector instructions (its marker says so) is another model: retrained
+    import torch
+    marker = tmp_path / "work" / "seed2" / "pretrain" / "benchmark_stage.json"
+    kept = tmp_path / "work" / "seed1" / "pretrain" / "model.safetensors"
+    kept_time = kept.stat().st_mtime_ns
     args2 = bench.parse(args.argv + ["--append", "--seeds", "1", "2", "--protocols", "after_ce", "--methods", "ce"])
     bench.run(args2)
+    assert kept.stat().st_mtime_ns == kept_time  # reused
+    key = json.loads(marker.read_text())["key"]
+    assert key["cpu"] == torch.backends.cpu.get_cpu_capability()
+    marker.write_text(json.dumps({"key": {**key, "cpu": "another"}}))
+    stale = marker.with_name("model.safetensors").stat().st_mtime_ns
+    bench.run(bench.parse(args.argv + ["--append", "--seeds", "2", "--protocols", "after_ce", "--methods", "ce"]))
+    assert marker.with_name("model.safetensors").stat().st_mtime_ns != stale
+    # ... and the CE fine-tune built on the old start is trained again from the new one
+    tuned = json.loads((tmp_path / "work" / "seed2" / "N6" / "finetune" / "benchmark_stage.json").read_text())
+    assert tuned["key"]["start_sha256"] == hashlib.sha256(marker.with_name("model.safetensors").read_bytes()).hexdigest()
+    assert json.loads(marker.read_text())["key"]["cpu"] == key["cpu"]
     again = json.loads(out.with_suffix(".json").read_text())
     assert {r["seed"] for r in again["runs"] if r["method"] == "ce"} == {0, 1, 2}
-    assert len(again["config"]["commands"]) == 2
+    assert len(again["config"]["commands"]) == 3
     assert len([r for r in again["runs"] if (r["protocol"], r["method"], r["seed"]) == ("after_ce", "ce", 1)]) == 2
 
     # --lrs-from runs each method at its chosen lrs only; --merge pools the files
