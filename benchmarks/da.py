@@ -1004,6 +1004,14 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
             out["split"] = {k: v for k, v in out["split"].items() if k != "tune"}
         return out
     base = settings(results[0]["config"])
+    # the runs of one seed are paired: from two CPUs (vector instructions) or torch builds they
+    # would pair different start models. Files written before the capability was recorded can't tell.
+    machines = {(m.get("torch"), m["cpu_capability"]): p for p, res in zip(paths, results)
+                for m in [res["config"].get("machine") or {}] if m.get("cpu_capability")}
+    if len(machines) > 1:
+        raise SystemExit("--merge: these files ran on different machines (torch, CPU capability): "
+                         + "; ".join(f"{p}: {k}" for k, p in machines.items())
+                         + ". The same seed's start models differ between them; keep them in separate files")
     runs: dict[tuple, dict] = {}
     for path, res in zip(paths, results):
         other = settings(res["config"])

@@ -371,6 +371,11 @@ def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, ca
         saved["config"]["semi_labelled"] = 0.25
         (tmp_path / "res" / "other.json").write_text(json.dumps(saved))
         bench.merge([str(out), str(tmp_path / "res" / "other")], str(tmp_path / "res" / "bad"))
+    saved["config"]["semi_labelled"] = 0.5
+    saved["config"]["machine"]["cpu_capability"] = "another"
+    (tmp_path / "res" / "other.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="different machines"):
+        bench.merge([str(out), str(tmp_path / "res" / "other")], str(tmp_path / "res" / "bad"))
     with pytest.raises(SystemExit, match="no target frames without labels beyond the tune frames"):
         bench.run(bench.parse(["--root", str(tmp_path / "camvid"), "--seeds", "0", "--size", str(H), str(W),
                                "--protocols", "semi", "--methods", "ce", "--out", str(tmp_path / "res" / "dusk")]))
