@@ -41,6 +41,10 @@ def machine_info() -> dict:
             "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "malloc": malloc_setting()}
+    # set to reproduce another CPU's numbers (e.g. AVX2 kernels on an AVX-512 machine)
+    isa = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)}
+    if isa:
+        info["isa_env"] = isa
     if hasattr(os, "getloadavg"):
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     if torch.cuda.is_available():
