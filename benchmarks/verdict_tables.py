@@ -52,6 +52,7 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
     extra = " Δ vs extra CE (labels alone) [95%] | Δ vs extra CE + cal [95%] |" if cross else ""
     lines = [f"| method (chosen lr; with cal) | n | target mIoU | Δ vs {name} [95%] | + calibration | "
              f"Δ vs {name} + cal [95%] |" + extra, "| --- " * (6 + 2 * bool(cross)) + "|"]
+    names = {**NAMES, "ce": name} if protocol == "semi" else NAMES  # semi's ce is not extra CE on the labels
     for m in [m for m in ORDER if m in rows]:
         r, rc = rows[m], rows.get(m + CAL)
         lr = _lr(r) if rc is None or rc["lr"] == r["lr"] else f"{_lr(r)}; {_lr(rc)} with cal"
@@ -62,7 +63,7 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
         if cross:
             xs, xc = r["vs"].get(cross), rc["vs"].get(cross + CAL) if rc else None
             more = f" {_ci(xs) if xs else ''} | {_ci(xc) if xc else ''} |"
-        lines.append(f"| {NAMES.get(m, m)} ({lr}) | {r['n']} | {r['target_mean']:.2f} ± {r['target_std']:.2f} | "
+        lines.append(f"| {names.get(m, m)} ({lr}) | {r['n']} | {r['target_mean']:.2f} ± {r['target_std']:.2f} | "
                      f"{_ci(vs) if vs else ''} | {cal} | {_ci(vsc) if vsc else ''} |" + more)
     # calibration's own effect: the same model (the method at its calibrated pipeline's lr) with and
     # without its offsets
@@ -76,7 +77,7 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
         seeds = [s for s in rc["seeds"] if (m, rc["lr"], s) in by and (m + CAL, rc["lr"], s) in by]
         if seeds:
             d = paired([by[(m + CAL, rc["lr"], s)] - by[(m, rc["lr"], s)] for s in seeds])
-            effects.append(f"{NAMES.get(m, m)} {_mean_ci(d['diff_mean'], d['ci95'])}" +
+            effects.append(f"{names.get(m, m)} {_mean_ci(d['diff_mean'], d['ci95'])}" +
                            ("" if d["ci95"] else f" (n={len(seeds)})"))
     out = "\n".join(lines)
     if effects:
