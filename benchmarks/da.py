@@ -1013,6 +1013,7 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
                          + "; ".join(f"{p}: {k}" for k, p in machines.items())
                          + ". The same seed's start models differ between them; keep them in separate files")
     runs: dict[tuple, dict] = {}
+    seen_in: dict[tuple, str] = {}
     for path, res in zip(paths, results):
         other = settings(res["config"])
         # a setting only one file has is an option added after the other file was written
@@ -1021,7 +1022,15 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
             raise SystemExit(f"{path}: settings differ from {paths[0]} in {diff}; only seeds, budgets, methods and "
                              "lr grids may differ")
         for r in res["runs"]:
-            runs.setdefault(run_key(r), r)
+            key = run_key(r)
+            had = runs.setdefault(key, r)
+            first = seen_in.setdefault(key, path)
+            # a run both files hold must agree: if not, they trained different models for one seed
+            # (another CPU or float order), and pairing across them would be wrong
+            if any(had[k] != r[k] for k in ("target_mIoU", "select_mIoU", "source_mIoU")):
+                raise SystemExit(f"--merge: {first} and {path} both hold {key} with other scores (target "
+                                 f"{had['target_mIoU']} vs {r['target_mIoU']}): different models of that seed "
+                                 "(another machine or float order); keep them apart")
     cfg = dict(results[0]["config"])
     cfg["frames"] = dict(cfg.get("frames", {}))
     for res in results[1:]:  # options and frame roles that only later files have (e.g. semi's)

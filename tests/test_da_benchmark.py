@@ -376,6 +376,13 @@ def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, ca
     (tmp_path / "res" / "other.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="different machines"):
         bench.merge([str(out), str(tmp_path / "res" / "other")], str(tmp_path / "res" / "bad"))
+    # a run both files hold with other scores (another machine's model of that seed): refused
+    del saved["config"]["machine"]["cpu_capability"]  # e.g. a file written before it was recorded
+    start = next(r for r in saved["runs"] if r["method"] == "ce_finetuned" and r["seed"] == 1)
+    start["target_mIoU"] += 0.5
+    (tmp_path / "res" / "other.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"idd and .*other both hold .*'ce_finetuned', 1, None\) with other scores"):
+        bench.merge([str(out), str(tmp_path / "res" / "other")], str(tmp_path / "res" / "bad"))
     with pytest.raises(SystemExit, match="no target frames without labels beyond the tune frames"):
         bench.run(bench.parse(["--root", str(tmp_path / "camvid"), "--seeds", "0", "--size", str(H), str(W),
                                "--protocols", "semi", "--methods", "ce", "--out", str(tmp_path / "res" / "dusk")]))
