@@ -992,6 +992,10 @@ def merge(paths: list[str], out: str, plot: str | None = None) -> dict:
     """Combine result files of one pair that differ only in their seeds, label budgets, methods or
     lr grids (e.g. seeds split over parallel processes) into one result: runs pooled, commands
     listed, runtimes added up."""
+    target = Path(out).with_suffix(".json").resolve()
+    if any(Path(p).with_suffix(".json").resolve() == target for p in paths):
+        raise SystemExit(f"--merge: --out {out} is one of the files to merge; it is left as it is. Copy it "
+                         "aside and merge the copy, or write the merge elsewhere")
     results = [read_result(p, "--merge") for p in paths]
     ignore = {"seeds", "command", "commands", "methods", "protocols", "append", "threads", "device", "lrs",
               "source_lrs", "uda_lrs", "semi_lrs", "lrs_from", "lrs_budget", "plot", "order", "budget", "budgets", "machine",

@@ -376,6 +376,10 @@ def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, ca
     (tmp_path / "res" / "other.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="different machines"):
         bench.merge([str(out), str(tmp_path / "res" / "other")], str(tmp_path / "res" / "bad"))
+    before = out.with_suffix(".json").read_bytes()
+    with pytest.raises(SystemExit, match="is one of the files to merge; it is left as it is"):
+        bench.merge([str(out), str(tmp_path / "res" / "old")], str(out))
+    assert out.with_suffix(".json").read_bytes() == before
     # a run both files hold with other scores (another machine's model of that seed): refused
     del saved["config"]["machine"]["cpu_capability"]  # e.g. a file written before it was recorded
     start = next(r for r in saved["runs"] if r["method"] == "ce_finetuned" and r["seed"] == 1)
