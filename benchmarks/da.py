@@ -932,7 +932,7 @@ def plot_lr_curves(result: dict, path: str | Path) -> None:
         rows = {(p, r["method"]): r for r in summ["rows"] if (r["protocol"], r.get("budget")) == (p, b)}
         bases = sorted({c["method"].removesuffix(CAL) for c in cells if c["lr"] is not None}, key=_order)
         for i, base in enumerate(bases):
-            colour = f"C{i % 10}"
+            colour = f"C{_order(base)[0] % 10}"  # one colour per method in every panel
             for m, style in ((base, "-"), (base + CAL, "--")):
                 cs = sorted((c for c in cells if c["method"] == m and c["lr"] is not None),
                             key=lambda c: c["lr"])
