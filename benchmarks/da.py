@@ -660,6 +660,8 @@ def references(protocol: str, method: str) -> list[str]:
         refs += [f"{CROSS[protocol]}:{r}" for r in ("ce", "lovasz")]
     if method.endswith(CAL):
         refs += [r + CAL for r in refs]
+    if protocol in CROSS:  # and the same pipeline on the labels alone: what the pseudo-labels add
+        refs.append(f"{CROSS[protocol]}:{method}")
     return list(dict.fromkeys(refs))
 
 

@@ -49,9 +49,10 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
     # and the pseudo-labels; semi is also set against after_ce's extra CE, which uses the labels alone
     name = NAMES[ref] if protocol != "semi" else "CE on labels + pseudo-labels"
     cross = f"{CROSS[protocol]}:ce" if protocol in CROSS else None
-    extra = " Δ vs extra CE (labels alone) [95%] | Δ vs extra CE + cal [95%] |" if cross else ""
+    extra = (" Δ vs extra CE (labels alone) [95%] | Δ vs extra CE + cal [95%] | Δ vs the same method on the labels "
+             "alone [95%] | the same, calibrated [95%] |") if cross else ""
     lines = [f"| method (chosen lr; with cal) | n | target mIoU | Δ vs {name} [95%] | + calibration | "
-             f"Δ vs {name} + cal [95%] |" + extra, "| --- " * (6 + 2 * bool(cross)) + "|"]
+             f"Δ vs {name} + cal [95%] |" + extra, "| --- " * (6 + 4 * bool(cross)) + "|"]
     names = {**NAMES, "ce": name} if protocol == "semi" else NAMES  # semi's ce is not extra CE on the labels
     for m in [m for m in ORDER if m in rows]:
         r, rc = rows[m], rows.get(m + CAL)
@@ -61,8 +62,10 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
         cal = f"{rc['target_mean']:.2f} ± {rc['target_std']:.2f}" if rc else ""
         more = ""
         if cross:
+            other = cross.split(":")[0]
             xs, xc = r["vs"].get(cross), rc["vs"].get(cross + CAL) if rc else None
-            more = f" {_ci(xs) if xs else ''} | {_ci(xc) if xc else ''} |"
+            ss, sc = r["vs"].get(f"{other}:{m}"), rc["vs"].get(f"{other}:{m}{CAL}") if rc else None
+            more = " " + " | ".join(_ci(d) if d else "" for d in (xs, xc, ss, sc)) + " |"
         lines.append(f"| {names.get(m, m)} ({lr}) | {r['n']} | {r['target_mean']:.2f} ± {r['target_std']:.2f} | "
                      f"{_ci(vs) if vs else ''} | {cal} | {_ci(vsc) if vsc else ''} |" + more)
     # calibration's own effect: the same model (the method at its calibrated pipeline's lr) with and

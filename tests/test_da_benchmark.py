@@ -340,7 +340,10 @@ def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, ca
     rows = {(r["protocol"], r["method"]): r for r in saved["summary"]["rows"]}
     semi = rows[("semi", "local_batch_ce+cal")]
     assert set(semi["vs"]) == {"ce", "lovasz", "after_ce:ce", "after_ce:lovasz", "ce+cal", "lovasz+cal",
-                               "after_ce:ce+cal", "after_ce:lovasz+cal"}
+                               "after_ce:ce+cal", "after_ce:lovasz+cal", "after_ce:local_batch_ce+cal"}
+    same = [runs[("semi", "local_batch_ce+cal", s)]["target_mIoU"]
+            - runs[("after_ce", "local_batch_ce+cal", s)]["target_mIoU"] for s in (0, 1)]
+    assert semi["vs"]["after_ce:local_batch_ce+cal"]["target_diffs"] == [round(v, 3) for v in same]
     want = [runs[("semi", "local_batch_ce+cal", s)]["target_mIoU"] - runs[("after_ce", "ce", s)]["target_mIoU"]
             for s in (0, 1)]
     assert semi["vs"]["after_ce:ce"]["target_diffs"] == [round(v, 3) for v in want]
@@ -356,6 +359,7 @@ def test_camvid_idd_semi_supervised_protocol(bench, load_benchmark, tmp_path, ca
     tables.main([str(out), "--protocol", "semi"])
     text = capsys.readouterr().out
     assert text.startswith("### semi, budget 2") and "Δ vs extra CE (labels alone) [95%]" in text
+    assert "Δ vs the same method on the labels alone [95%]" in text
     assert "vs the same budget of CE on labels + pseudo-labels" in text
     # a file written before the semi options existed merges with one that has them (first or not)
     old = json.loads(json.dumps(saved))
