@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from segreward.errors import SegrewardError
 
@@ -32,15 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_interrupted(signum, frame) -> None:
+    sys.stderr.write("segreward: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until a command runs nothing is written, so Ctrl-C while the parser imports torch ends the
+    # process at once. Raised as KeyboardInterrupt there, it can be swallowed: torch's C++ import
+    # of numpy clears any error, and a half-imported numpy failed later with an AttributeError.
+    own = (threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own:
+        signal.signal(signal.SIGINT, _exit_interrupted)
     try:
-        return _main(argv)
-    except KeyboardInterrupt:  # also while the parser imports torch, before any command runs
+        return _main(argv, own)
+    except KeyboardInterrupt:  # a caller's own handler, or one left in place
         print("segreward: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, own_sigint: bool = False) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides (KEY=VALUE) may come after options such as --resume.
@@ -52,6 +71,8 @@ def _main(argv: list[str] | None) -> int:
     from segreward.outputs import created_mark, discard_empty_dirs
     keep_freed_memory()  # freed tensors' memory reused, not returned and faulted in again
     mark = created_mark()
+    if own_sigint:  # the command handles Ctrl-C itself (cleanup, a kept checkpoint)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = args.func(args)
     except SegrewardError as e:
