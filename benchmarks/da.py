@@ -81,6 +81,7 @@ sample and evaluation is seeded; ``torch.use_deterministic_algorithms``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -117,6 +118,9 @@ UDA = ["self_training", "local_pseudo_batch"]
 REFERENCE = {"after_ce": "ce", "from_source": "ce", "uda": "self_training", "semi": "ce"}
 # semi-supervised runs are also compared with these protocols' baselines (labels alone, same start)
 CROSS = {"semi": "after_ce"}
+FROM_CE = ("after_ce", "semi")  # the protocols that start from the CE fine-tuned checkpoint
+# each protocol's steps per method run (the option that sets them)
+STEPS_OPTION = {"after_ce": "extra_steps", "from_source": "source_steps", "uda": "uda_steps", "semi": "semi_steps"}
 STARTS = ("source_only", "ce_finetuned")
 CAL = "+cal"
 LRS = [1e-4, 3e-4, 1e-3, 3e-3]
@@ -438,7 +442,6 @@ def run_stage(cfg: dict, data: dict, train_set: InMemoryDataset, args, reuse_key
 
 
 def _sha256(path: str | Path) -> str:
-    import hashlib
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -506,15 +509,14 @@ def run(args) -> dict:
     args.num_classes = data["num_classes"]
     tune = data["target_tune"]
     weights = reward_weights_from(tune.labels, args.num_classes)
-    budget = {"after_ce": args.extra_steps, "from_source": args.source_steps, "uda": args.uda_steps,
-              "semi": args.semi_steps}
+    budget = {p: getattr(args, k) for p, k in STEPS_OPTION.items()}
     budget_n = data["budget"]
     if "semi" in methods:
         data["target_semi"], data["frames"]["target_semi"] = semi_set(data, args.semi_labelled)
     runs: list[dict] = list(previous)
     temp_work = args.work is None
     work_root = Path(tempfile.mkdtemp(prefix="da_")) if temp_work else Path(args.work)
-    finetune = "after_ce" in methods or "semi" in methods  # the CE fine-tuned checkpoint starts these two
+    finetune = any(p in methods for p in FROM_CE)
     per_seed = args.pretrain_steps + finetune * args.finetune_steps + sum(len(v) * budget[p]
                                                                           for (p, _), v in plan.items())
     print(f"pair {args.pair}: source {len(data['source'])}, target tune {len(tune)}, selection {len(data['target_select'])}, "
@@ -598,7 +600,7 @@ def run(args) -> dict:
                     t0 = time.perf_counter()
                     work = bdir / protocol / method / f"lr{lr:g}"
                     cfg = run_config(args, work, seed + 2, "tune", steps, lr,
-                                     ce if protocol in ("after_ce", "semi") else src,
+                                     ce if protocol in FROM_CE else src,
                                      method_loss(method, args, weights, protocol))
                     bar.set_postfix_str(f"seed {seed} {protocol} {method} lr {lr:g}")
                     s = run_stage(cfg, data, seeded[protocol], args)
@@ -834,8 +836,7 @@ def markdown(result: dict) -> str:
               f"frame) so every method and lr of a seed sees the same batches; one evaluation at its end).",
               f"Steps (batch {cfg['batch']}): pretrain {cfg['pretrain_steps']} (lr {cfg['pretrain_lr']}), "
               f"CE fine-tune {cfg['finetune_steps']} (lr {cfg['lr']}), then per method run: "
-              + ", ".join(f"{p} {cfg[k]}" for p, k in (("after_ce", "extra_steps"), ("from_source", "source_steps"),
-                                                       ("uda", "uda_steps"), ("semi", "semi_steps")) if p in ran)
+              + ", ".join(f"{p} {cfg[k]}" for p, k in STEPS_OPTION.items() if p in ran)
               + (f" (pseudo-label threshold {cfg['threshold']})" if {"uda", "semi"} & ran else "") + "; lr grids: "
               + ", ".join(f"{p} {sorted({c['lr'] for c in summ['cells'] if c['protocol'] == p and c['lr']})}"
                           for p in PROTOCOLS if p in ran) + ". `ce_lovasz` = Lovász + CE 1:1; `_ce` = CE anchor of weight "

@@ -48,7 +48,8 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
     # the protocol's reference: extra CE, self-training without labels, or (semi) CE on the labels
     # and the pseudo-labels; semi is also set against after_ce's extra CE, which uses the labels alone
     name = NAMES[ref] if protocol != "semi" else "CE on labels + pseudo-labels"
-    cross = f"{CROSS[protocol]}:ce" if protocol in CROSS else None
+    other = CROSS.get(protocol)  # the protocol of the labels-alone baselines
+    cross = f"{other}:ce" if other else None
     extra = (" Δ vs extra CE (labels alone) [95%] | Δ vs extra CE + cal [95%] | Δ vs the same method on the labels "
              "alone [95%] | the same, calibrated [95%] |") if cross else ""
     lines = [f"| method (chosen lr; with cal) | n | target mIoU | Δ vs {name} [95%] | + calibration | "
@@ -62,7 +63,6 @@ def section(summary: dict, runs: list[dict], protocol: str, budget) -> str:
         cal = f"{rc['target_mean']:.2f} ± {rc['target_std']:.2f}" if rc else ""
         more = ""
         if cross:
-            other = cross.split(":")[0]
             xs, xc = r["vs"].get(cross), rc["vs"].get(cross + CAL) if rc else None
             ss, sc = r["vs"].get(f"{other}:{m}"), rc["vs"].get(f"{other}:{m}{CAL}") if rc else None
             more = " " + " | ".join(_ci(d) if d else "" for d in (xs, xc, ss, sc)) + " |"
