@@ -98,6 +98,7 @@ def test_semi_supervised_pseudo_labels_fill_only_the_frames_without_labels():
 
     from segreward.engine.config import PseudoLabelConfig
     from segreward.engine.trainer import _Stage
+    from segreward.errors import SegrewardError
     torch.manual_seed(0)
     teacher = torch.nn.Conv2d(3, 4, 1)
     x = torch.randn(3, 3, 5, 6)
@@ -114,7 +115,7 @@ def test_semi_supervised_pseudo_labels_fill_only_the_frames_without_labels():
     cfg.pseudo_label.only_unlabelled = False  # uda: every frame's labels are replaced
     every = _Stage._pseudo(SimpleNamespace(cfg=cfg, teacher=teacher, ignore_index=255), x, y.clone())
     assert not torch.equal(every[0], y[0])
-    with pytest.raises(Exception, match="only_unlabelled=true needs pseudo_label.enabled"):
+    with pytest.raises(SegrewardError, match="only_unlabelled=true needs pseudo_label.enabled"):
         PseudoLabelConfig(only_unlabelled=True)
 
 
